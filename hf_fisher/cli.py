@@ -1,0 +1,153 @@
+"""The ``hf-fisher`` command line: the demo and one subcommand per job.
+
+``hf-fisher demo`` runs the main job on the embedded default model and data, offline.
+``hf-fisher fisher`` estimates and saves a diagonal Fisher or K-FAC factors for any causal LM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _text_dataloader(tokenizer, corpus: str, split: str, seq_len: int, batch_size: int, max_sequences: int | None):
+    from torch.utils.data import DataLoader
+    from transformers import default_data_collator
+
+    from hf_fisher.data import load_text_corpus, pack_for_causal_lm
+
+    dataset = load_text_corpus(corpus)[split]
+    packed = pack_for_causal_lm(dataset, tokenizer, seq_len=seq_len, max_sequences=max_sequences)
+    return DataLoader(packed, batch_size=batch_size, shuffle=False, collate_fn=default_data_collator)
+
+
+def per_block_summary(fisher) -> list[tuple[str, float, float, str]]:
+    """Rows (block, share of Fisher mass in attention, in the MLP, most important module) per transformer block."""
+    shares: dict[str, dict[str, float]] = defaultdict(dict)
+    for row in fisher.summary():
+        match = re.search(r"^(.*?\.(\d+))\.(.+)\.(weight|bias)$", row["name"])
+        block, module = (match.group(2), match.group(3)) if match else ("-", row["name"])
+        shares[block][module] = shares[block].get(module, 0.0) + row["share"]
+    rows = []
+    for block, modules in shares.items():
+        attn = sum(v for k, v in modules.items() if "attn" in k)
+        mlp = sum(v for k, v in modules.items() if "mlp" in k)
+        top = max(modules, key=modules.get)
+        rows.append((block, attn, mlp, top.rsplit(".", 1)[-1]))
+    return rows
+
+
+def _print_table(rows: list[tuple], headers: tuple[str, ...]) -> None:
+    widths = [max(len(str(h)), *(len(_fmt(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    print("  ".join(str(h).ljust(w) for h, w in zip(headers, widths, strict=True)))
+    for r in rows:
+        print("  ".join(_fmt(v).ljust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def _fmt(value) -> str:
+    return f"{value:.2%}" if isinstance(value, float) else str(value)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Estimate the diagonal Fisher of the default model on the default corpus and summarise it per block."""
+    from hf_fisher import estimate_diagonal_fisher, load_model
+
+    start = time.time()
+    out = Path(args.output_dir)
+    print(f"[1/3] Loading {args.model or 'the default model (SmolLM2-135M-Instruct, offline)'} ...")
+    model, tokenizer = load_model(args.model)
+    n_seq = 8 if args.fast else 32
+    loader = _text_dataloader(tokenizer, "lee_background", "train", 128, 8, n_seq)
+    print(f"[2/3] Estimating the diagonal Fisher on {n_seq} x 128 tokens of the lee_background corpus ...")
+    fisher = estimate_diagonal_fisher(
+        model, loader, kind="empirical", data_description=f"lee_background train, {n_seq} x 128 tokens"
+    )
+    print(f"      {fisher}")
+    print("[3/3] Where the Fisher mass sits (share of the trace, per transformer block):")
+    _print_table(per_block_summary(fisher), ("block", "attention", "mlp", "top module"))
+    top = sorted(fisher.summary(), key=lambda r: r["share"], reverse=True)[:5]
+    print("Most Fisher-important tensors:")
+    _print_table([(r["name"], r["share"], f"{r['mean']:.3e}") for r in top], ("parameter", "share", "mean F"))
+    fisher.save_pretrained(out / "fisher")
+    print(f"Saved the Fisher to {out / 'fisher'} ({time.time() - start:.0f} s in all).")
+    return 0
+
+
+def run_fisher(args: argparse.Namespace) -> int:
+    """Estimate and save curvature for any causal LM on a packaged text corpus."""
+    from hf_fisher import estimate_diagonal_fisher, estimate_kfac, load_model
+
+    model, tokenizer = load_model(args.model)
+    loader = _text_dataloader(tokenizer, args.corpus, args.split, args.seq_len, args.batch_size, args.max_sequences)
+    description = f"{args.corpus} {args.split}, sequences of {args.seq_len} tokens"
+    targets = args.target_modules.split(",") if args.target_modules else None
+    if args.curvature == "diagonal":
+        result = estimate_diagonal_fisher(
+            model, loader, kind=args.kind, reduction=args.reduction, target_modules=targets,
+            data_description=description, seed=args.seed,
+        )
+    else:
+        result = estimate_kfac(
+            model, loader, kind=args.kind, kfac_type=args.kfac_type, target_modules=targets,
+            eigenvalue_correction=args.ekfac, data_description=description, seed=args.seed,
+        )
+    result.save_pretrained(args.output_dir)
+    print(f"{result}\nSaved to {args.output_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-fisher",
+        description="Fisher-information methods for Hugging Face models. Runs offline on the embedded default "
+        "model (SmolLM2-135M-Instruct) and data unless you pass --model.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the main job end to end on the default model and data")
+    demo.add_argument("--fast", action="store_true", help="a smaller version (what CI runs)")
+    demo.add_argument("--model", default=None, help="HF model id or local path (default: the embedded model)")
+    demo.add_argument("--output-dir", default="hf_fisher_demo", help="where results are written")
+    demo.set_defaults(func=run_demo)
+
+    fisher = sub.add_parser("fisher", help="estimate and save a diagonal Fisher or K-FAC factors")
+    fisher.add_argument("--model", default=None, help="HF model id or local path (default: the embedded model)")
+    fisher.add_argument("--curvature", choices=["diagonal", "kfac"], default="diagonal")
+    fisher.add_argument("--kind", choices=["empirical", "sampled"], default="empirical",
+                        help="labels from the data (empirical) or drawn from the model (sampled = Gauss-Newton)")
+    fisher.add_argument("--reduction", choices=["sample", "batch"], default="sample",
+                        help="diagonal: square per-sequence gradients (exact) or mini-batch gradients (cheap)")
+    fisher.add_argument("--kfac-type", choices=["expand", "reduce"], default="expand")
+    fisher.add_argument("--ekfac", action="store_true", help="K-FAC: add the EK-FAC eigenvalue correction")
+    fisher.add_argument("--target-modules", default=None, help="comma-separated module names (default: all Linear)")
+    fisher.add_argument("--corpus", choices=["lee_background", "shakespeare"], default="lee_background")
+    fisher.add_argument("--split", choices=["train", "heldout"], default="train")
+    fisher.add_argument("--seq-len", type=int, default=128)
+    fisher.add_argument("--batch-size", type=int, default=8)
+    fisher.add_argument("--max-sequences", type=int, default=64)
+    fisher.add_argument("--seed", type=int, default=0)
+    fisher.add_argument("--output-dir", required=True, help="folder for the safetensors + JSON result")
+    fisher.set_defaults(func=run_fisher)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, ImportError, OSError, MemoryError) as err:
+        print(f"hf-fisher {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

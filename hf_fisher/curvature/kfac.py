@@ -1,0 +1,438 @@
+"""K-FAC: Kronecker-factored Fisher / Gauss-Newton of the linear layers of a causal LM.
+
+For a linear layer with weight ``W`` (out × in) the Fisher block is approximated as ``A ⊗ G`` acting on
+the column-major ``vec(∇W)``, i.e. ``F · vec(V) = vec(G V A)``, with
+
+* ``A = E[a aᵀ]`` over layer inputs (a ones entry appended when the layer has a bias, so ``[∇W, ∇b]``
+  is treated as one (out × in+1) matrix), and
+* ``G = E[g gᵀ]`` over gradients of the sequence loss w.r.t. the layer outputs.
+
+Sequence models share weights over tokens; following Eschenhagen et al. (2023):
+
+* ``"expand"`` treats every supervised token as a sample:
+  ``A = (1/M) Σ_tokens a aᵀ``, ``G = (1/N) Σ_tokens g gᵀ`` (M supervised tokens, N sequences).
+* ``"reduce"`` aggregates over the sequence first: ``ā_n`` = mean of ``a`` over the sequence's
+  supervised positions, ``ĝ_n`` = sum of ``g`` over them; ``A = (1/N) Σ ā āᵀ``, ``G = (1/N) Σ ĝ ĝᵀ``.
+
+Either way ``A ⊗ G`` approximates the per-sequence Fisher of :mod:`hf_fisher.curvature.diagonal`
+(same normalisation). Only positions whose prediction is supervised enter the factors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from hf_fisher.curvature.collect import (
+    CurvatureCollector,
+    FisherKind,
+    TargetLayer,
+    check_finite,
+    find_target_layers,
+    run_curvature_pass,
+)
+from hf_fisher.curvature.store import (
+    CurvatureEstimate,
+    CurvatureMetadata,
+    load_curvature,
+    model_name_or_path,
+    save_curvature,
+)
+
+KFACType = Literal["expand", "reduce"]
+DampingMethod = Literal["eigenbasis", "per_factor"]
+
+NORMALIZATION = {
+    "expand": "A: mean over supervised tokens; G: sum over supervised tokens / number of sequences",
+    "reduce": "A: mean over sequences of token-mean inputs; G: mean over sequences of token-summed gradients",
+}
+
+
+def _with_ones(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+
+
+def _gram(x: torch.Tensor, with_bias: bool) -> torch.Tensor:
+    """``[x, 1]ᵀ [x, 1]`` (or ``xᵀx``) in fp32 without materialising the ones column."""
+    x = x.float()
+    xx = x.T @ x
+    if not with_bias:
+        return xx
+    d = x.shape[1]
+    out = x.new_empty(d + 1, d + 1)
+    out[:d, :d] = xx
+    col = x.sum(dim=0)
+    out[:d, d] = col
+    out[d, :d] = col
+    out[d, d] = x.shape[0]
+    return out
+
+
+def _same_storage(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride() and x.dtype == y.dtype
+
+
+class _FactorInput:
+    """Select and aggregate the positions that enter the factors ("expand" or "reduce")."""
+
+    def __init__(self, kfac_type: KFACType):
+        self.kfac_type = kfac_type
+
+    def _select(self, collector: CurvatureCollector, x: torch.Tensor, mean: bool) -> torch.Tensor:
+        batch = collector.batch
+        assert batch is not None
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        if self.kfac_type == "expand":
+            return x[batch.mask]
+        keep = batch.counts > 0
+        summed = (x.float() * batch.mask.unsqueeze(-1)).sum(dim=1)[keep]
+        return summed / batch.counts[keep].unsqueeze(-1) if mean else summed
+
+    def inputs(self, collector: CurvatureCollector, a: torch.Tensor) -> torch.Tensor:
+        """Layer inputs at supervised positions ("expand") or their mean per sequence ("reduce")."""
+        return self._select(collector, a, mean=True)
+
+    def output_grads(self, collector: CurvatureCollector, g: torch.Tensor) -> torch.Tensor:
+        """Output gradients at supervised positions ("expand") or their sum per sequence ("reduce")."""
+        return self._select(collector, g, mean=False)
+
+
+class _KFACCollector(CurvatureCollector):
+    """Sums of input and output-gradient outer products; layers sharing an input compute A once."""
+
+    def __init__(self, layers: dict[str, TargetLayer], kfac_type: KFACType):
+        super().__init__(layers)
+        self.select = _FactorInput(kfac_type)
+        self.A: dict[str, torch.Tensor] = {}
+        self.G: dict[str, torch.Tensor] = {}
+        for layer in layers.values():
+            device = layer.module.weight.device
+            d_in = layer.in_features + int(layer.has_bias)
+            self.A[layer.name] = torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
+            self.G[layer.name] = torch.zeros(
+                layer.out_features, layer.out_features, dtype=torch.float32, device=device
+            )
+        # The last input seen and its Gram matrix: q/k/v (and gate/up) receive the same tensor in a row.
+        # Holding the tensor keeps its memory alive, so its address cannot be reused by another input.
+        self._last: tuple[torch.Tensor, bool, torch.Tensor] | None = None
+
+    def on_input(self, layer: TargetLayer, a: torch.Tensor) -> None:
+        last = self._last
+        if last is not None and last[1] == layer.has_bias and _same_storage(last[0], a):
+            gram = last[2]
+        else:
+            gram = _gram(self.select.inputs(self, a), layer.has_bias)
+            self._last = (a, layer.has_bias, gram)
+        self.A[layer.name].add_(gram)
+
+    def on_output_grad(self, layer: TargetLayer, g: torch.Tensor) -> None:
+        self.G[layer.name].add_(_gram(self.select.output_grads(self, g), False))
+
+    def end_batch(self) -> None:
+        self._last = None
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return {**{f"{k}.A": v for k, v in self.A.items()}, **{f"{k}.G": v for k, v in self.G.items()}}
+
+
+class _EigenCorrectionCollector(CurvatureCollector):
+    """EK-FAC: second moments of the gradient in the Kronecker eigenbasis, ``Σ (Q_Gᵀg)² (Q_Aᵀa)²ᵀ``."""
+
+    def __init__(self, layers: dict[str, TargetLayer], kfac_type: KFACType, factors: KFACFactors):
+        super().__init__(layers)
+        self.select = _FactorInput(kfac_type)
+        self.factors = factors
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.sums = {
+            name: torch.zeros(
+                layer.out_features,
+                layer.in_features + int(layer.has_bias),
+                dtype=torch.float32,
+                device=layer.module.weight.device,
+            )
+            for name, layer in layers.items()
+        }
+
+    def on_input(self, layer: TargetLayer, a: torch.Tensor) -> None:
+        x = self.select.inputs(self, a).float()
+        if layer.has_bias:
+            x = _with_ones(x)
+        self.inputs[layer.name] = x @ self.factors[layer.name].eigenvectors_A.to(x.device)
+
+    def on_output_grad(self, layer: TargetLayer, g: torch.Tensor) -> None:
+        x = self.inputs.pop(layer.name)
+        y = self.select.output_grads(self, g).float() @ self.factors[layer.name].eigenvectors_G.to(g.device)
+        self.sums[layer.name].add_(y.square().T @ x.square())
+
+    def end_batch(self) -> None:
+        self.inputs.clear()
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return self.sums
+
+
+@dataclass
+class KFACLayer:
+    """The Kronecker factors of one linear layer, and their eigen-decomposition once computed."""
+
+    A: torch.Tensor  # (in [+1], in [+1])
+    G: torch.Tensor  # (out, out)
+    has_bias: bool
+    transposed: bool = False  # weight stored (in, out), as in transformers' Conv1D
+    eigenvalues_A: torch.Tensor | None = None
+    eigenvectors_A: torch.Tensor | None = None
+    eigenvalues_G: torch.Tensor | None = None
+    eigenvectors_G: torch.Tensor | None = None
+    eigenvalue_correction: torch.Tensor | None = None  # EK-FAC: (out, in [+1])
+
+    @property
+    def in_features(self) -> int:
+        return self.A.shape[0] - int(self.has_bias)
+
+    @property
+    def out_features(self) -> int:
+        return self.G.shape[0]
+
+
+def _eigh_fp64(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    values, vectors = torch.linalg.eigh(matrix.double())
+    return values.clamp_min(0.0).float(), vectors.float()
+
+
+class KFACFactors(CurvatureEstimate[KFACLayer]):
+    """K-FAC factors per linear layer (indexable by module name) and the operations built on them."""
+
+    FILENAME = "kfac.safetensors"
+    CURVATURE_TYPE = "kfac"
+    ENTRY = "K-FAC factors"
+
+    @property
+    def has_eigenvalue_correction(self) -> bool:
+        return all(layer.eigenvalue_correction is not None for layer in self._entries.values())
+
+    def eigendecompose(self) -> KFACFactors:
+        """Eigen-decompose every A and G (fp64 ``eigh``, stored fp32; tiny negative values clipped)."""
+        for layer in self._entries.values():
+            if layer.eigenvectors_A is None:
+                layer.eigenvalues_A, layer.eigenvectors_A = _eigh_fp64(layer.A)
+                layer.eigenvalues_G, layer.eigenvectors_G = _eigh_fp64(layer.G)
+        return self
+
+    def _as_matrix(self, name: str, grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        layer = self._entries[name]
+        weight = grads[f"{name}.weight"].float()
+        if layer.transposed:
+            weight = weight.T
+        if not layer.has_bias:
+            return weight
+        bias_name = f"{name}.bias"
+        if bias_name not in grads:
+            raise KeyError(
+                f"Layer {name!r} has a bias in the K-FAC factors but grads has no {bias_name!r}; pass the "
+                "bias gradient too (zeros if the bias is frozen)."
+            )
+        return torch.cat([weight, grads[bias_name].float().unsqueeze(1)], dim=1)
+
+    def _from_matrix(self, name: str, matrix: torch.Tensor, like: Mapping[str, torch.Tensor]) -> dict:
+        layer = self._entries[name]
+        out: dict[str, torch.Tensor] = {}
+        weight = matrix[:, : layer.in_features]
+        if layer.transposed:
+            weight = weight.T
+        w_like = like[f"{name}.weight"]
+        out[f"{name}.weight"] = weight.to(w_like.dtype).reshape(w_like.shape)
+        if layer.has_bias:
+            b_like = like[f"{name}.bias"]
+            out[f"{name}.bias"] = matrix[:, layer.in_features].to(b_like.dtype)
+        return out
+
+    def precondition(
+        self,
+        grads: Mapping[str, torch.Tensor] | nn.Module,
+        damping: float,
+        method: DampingMethod = "eigenbasis",
+        use_eigenvalue_correction: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """Apply the damped inverse curvature to gradients, layer by layer.
+
+        ``grads`` maps parameter names (``"<module>.weight"``, ``"<module>.bias"``) to gradients, or is a
+        model whose ``.grad`` fields are read. Layers absent from ``grads`` are skipped.
+
+        * ``method="eigenbasis"``: ``(A ⊗ G + λI)⁻¹ vec(∇)``, one damping on the Kronecker eigenvalues
+          ``λ_G,i λ_A,j`` (replaced by the EK-FAC corrected eigenvalues when present and
+          ``use_eigenvalue_correction``).
+        * ``method="per_factor"``: ``(G + λI)⁻¹ ∇W (A + λI)⁻¹``, damping added to each factor.
+        """
+        if damping < 0:
+            raise ValueError(f"damping must be >= 0, got {damping}.")
+        if method not in ("eigenbasis", "per_factor"):
+            raise ValueError(f'method must be "eigenbasis" or "per_factor", got {method!r}.')
+        if isinstance(grads, nn.Module):
+            grads = {n: p.grad for n, p in grads.named_parameters() if p.grad is not None}
+        self.eigendecompose()
+        result: dict[str, torch.Tensor] = {}
+        for name, layer in self._entries.items():
+            if f"{name}.weight" not in grads:
+                continue
+            v = self._as_matrix(name, grads)
+            qa = layer.eigenvectors_A.to(v.device)
+            qg = layer.eigenvectors_G.to(v.device)
+            la = layer.eigenvalues_A.to(v.device)
+            lg = layer.eigenvalues_G.to(v.device)
+            rotated = qg.T @ v @ qa
+            if method == "per_factor":
+                rotated = rotated / torch.outer(lg + damping, la + damping)
+            else:
+                if use_eigenvalue_correction and layer.eigenvalue_correction is not None:
+                    scale = layer.eigenvalue_correction.to(v.device)
+                else:
+                    scale = torch.outer(lg, la)
+                rotated = rotated / (scale + damping)
+            result.update(self._from_matrix(name, qg @ rotated @ qa.T, grads))
+        return result
+
+    def validate(self, model: nn.Module) -> None:
+        """Raise if ``model`` lacks a layer of these factors or has it with other dimensions."""
+        modules = dict(model.named_modules())
+        problems = []
+        for name, layer in self._entries.items():
+            module = modules.get(name)
+            if module is None or not hasattr(module, "weight"):
+                problems.append(f"missing layer {name!r}")
+                continue
+            shape = tuple(module.weight.shape)
+            expected = (layer.out_features, layer.in_features)
+            if layer.transposed:
+                expected = expected[::-1]
+            if shape != expected or (getattr(module, "bias", None) is not None) != layer.has_bias:
+                problems.append(f"{name}: factors for weight {expected}, bias={layer.has_bias}; model {shape}")
+        if problems:
+            raise ValueError(
+                f"These K-FAC factors do not fit the model ({'; '.join(problems[:5])}). They were estimated on "
+                f"{self.metadata.model_name_or_path or 'an unnamed model'}; estimate them again on this model."
+            )
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``kfac.safetensors`` (A, G and EK-FAC corrections) and ``curvature_config.json``."""
+        tensors: dict[str, torch.Tensor] = {}
+        layout = {}
+        for name, layer in self._entries.items():
+            tensors[f"{name}.A"] = layer.A
+            tensors[f"{name}.G"] = layer.G
+            if layer.eigenvalue_correction is not None:
+                tensors[f"{name}.eigenvalue_correction"] = layer.eigenvalue_correction
+            layout[name] = {"has_bias": layer.has_bias, "transposed": layer.transposed}
+        self.metadata.extra["layers"] = layout
+        save_curvature(save_directory, self.FILENAME, tensors, self.metadata)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, model: nn.Module | None = None, device: str | torch.device = "cpu"
+    ) -> KFACFactors:
+        """Load saved factors; with ``model`` given, check that they fit that model."""
+        tensors, metadata = load_curvature(directory, cls.FILENAME, cls.CURVATURE_TYPE)
+        layers = {}
+        for name, info in metadata.extra["layers"].items():
+            layers[name] = KFACLayer(
+                A=tensors[f"{name}.A"].to(device),
+                G=tensors[f"{name}.G"].to(device),
+                has_bias=bool(info["has_bias"]),
+                transposed=bool(info["transposed"]),
+                eigenvalue_correction=(
+                    tensors[f"{name}.eigenvalue_correction"].to(device)
+                    if f"{name}.eigenvalue_correction" in tensors
+                    else None
+                ),
+            )
+        factors = cls(layers, metadata)
+        if model is not None:
+            factors.validate(model)
+        return factors
+
+
+def _check_factor_sizes(layers: dict[str, TargetLayer], max_factor_bytes: int) -> None:
+    for layer in layers.values():
+        largest = max(layer.in_features + int(layer.has_bias), layer.out_features)
+        size = largest * largest * 4
+        if size > max_factor_bytes:
+            raise MemoryError(
+                f"Layer {layer.name!r} would need a dense {largest} x {largest} K-FAC factor "
+                f"({size / 2**30:.1f} GiB in fp32), above max_factor_bytes={max_factor_bytes / 2**30:.1f} GiB. "
+                "Exclude it with target_modules (the default already skips the output embeddings), use the "
+                "diagonal Fisher for it, or raise max_factor_bytes."
+            )
+
+
+def estimate_kfac(
+    model: nn.Module,
+    dataloader: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    kind: FisherKind = "sampled",
+    target_modules: str | Iterable[str] | None = None,
+    kfac_type: KFACType = "expand",
+    eigenvalue_correction: bool = False,
+    max_batches: int | None = None,
+    accelerator: Any = None,
+    seed: int = 0,
+    data_description: str | None = None,
+    max_factor_bytes: int = 4 << 30,
+) -> KFACFactors:
+    """Estimate K-FAC factors A = E[a aᵀ] and G = E[g gᵀ] for the target linear layers of a causal LM.
+
+    Args:
+        kind: "sampled" (default; labels drawn from the model, so A ⊗ G approximates the Gauss-Newton)
+            or "empirical" (the data's labels).
+        target_modules: as in :func:`hf_fisher.estimate_diagonal_fisher`.
+        kfac_type: "expand" or "reduce" (see the module docstring).
+        eigenvalue_correction: also run a second pass for EK-FAC: the Fisher's diagonal in the Kronecker
+            eigenbasis replaces the products of factor eigenvalues in ``precondition``.
+        accelerator: as in :func:`hf_fisher.estimate_diagonal_fisher` (sums and counts all-reduced).
+        max_factor_bytes: refuse layers whose dense factor would exceed this size.
+    """
+    if kfac_type not in ("expand", "reduce"):
+        raise ValueError(f'kfac_type must be "expand" or "reduce", got {kfac_type!r}.')
+    layers = find_target_layers(model, target_modules)
+    _check_factor_sizes(layers, max_factor_bytes)
+    collector = _KFACCollector(layers, kfac_type)
+    common = dict(kind=kind, max_batches=max_batches, accelerator=accelerator, seed=seed)
+    totals = run_curvature_pass(model, dataloader, collector, description=f"K-FAC ({kfac_type})", **common)
+    a_norm = totals.n_tokens if kfac_type == "expand" else totals.n_sequences
+    factors: dict[str, KFACLayer] = {}
+    for name, layer in layers.items():
+        factors[name] = KFACLayer(
+            A=collector.A[name] / a_norm,
+            G=collector.G[name] / totals.n_sequences,
+            has_bias=layer.has_bias,
+            transposed=layer.transposed,
+        )
+    del collector
+    check_finite({f"{n} (A)": f.A for n, f in factors.items()} | {f"{n} (G)": f.G for n, f in factors.items()})
+    first = next(iter(layers.values())).module.weight
+    metadata = CurvatureMetadata(
+        curvature_type=KFACFactors.CURVATURE_TYPE,
+        kind=kind,
+        n_sequences=totals.n_sequences,
+        n_tokens=totals.n_tokens,
+        normalization=NORMALIZATION[kfac_type],
+        model_name_or_path=model_name_or_path(model),
+        data_description=data_description,
+        kfac_type=kfac_type,
+        model_dtype=str(first.dtype).removeprefix("torch."),
+        seed=seed,
+    )
+    result = KFACFactors(factors, metadata)
+    if eigenvalue_correction:
+        result.eigendecompose()
+        corrector = _EigenCorrectionCollector(layers, kfac_type, result)
+        # Same seed: with kind="sampled" the second pass draws the same labels on the same data order.
+        second = run_curvature_pass(model, dataloader, corrector, description="EK-FAC correction", **common)
+        for name in layers:
+            result[name].eigenvalue_correction = corrector.sums[name] / second.n_sequences
+        check_finite({f"{n} (EK-FAC)": f.eigenvalue_correction for n, f in result.items()})
+        metadata.extra["eigenvalue_correction"] = True
+    return result

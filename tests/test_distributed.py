@@ -1,0 +1,51 @@
+"""Two real processes (accelerate launch, CPU, gloo) give the same curvature as one process."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from torch.utils.data import DataLoader
+
+from hf_fisher import DiagonalFisher, KFACFactors, estimate_diagonal_fisher, estimate_kfac
+from tests.helpers import relative_error, tiny_llama
+from tests.scripts.distributed_curvature import dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch_two_processes(script: str, *args: str) -> None:
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU; `--cpu` would silently start only one."""
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
+    cmd = [
+        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533", script, *args,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+@pytest.mark.multiprocess
+def test_two_processes_match_one(tmp_path):
+    launch_two_processes(str(ROOT / "tests/scripts/distributed_curvature.py"), str(tmp_path))
+    assert json.loads((tmp_path / "world.json").read_text())["world_size"] == 2
+
+    model = tiny_llama()
+    loader = DataLoader(dataset(), batch_size=2, shuffle=False)
+    fisher = estimate_diagonal_fisher(model, loader)
+    factors = estimate_kfac(model, loader, kind="empirical")
+
+    dist_fisher = DiagonalFisher.from_pretrained(tmp_path / "fisher", model=model)
+    assert dist_fisher.metadata.n_sequences == fisher.metadata.n_sequences == 16
+    assert dist_fisher.metadata.n_tokens == fisher.metadata.n_tokens
+    for name in fisher:
+        assert relative_error(dist_fisher[name], fisher[name]) <= 1e-5, name
+    dist_factors = KFACFactors.from_pretrained(tmp_path / "kfac", model=model)
+    for name, layer in factors.items():
+        assert relative_error(dist_factors[name].A, layer.A) <= 1e-5, name
+        assert relative_error(dist_factors[name].G, layer.G) <= 1e-5, name
