@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/hf-fisher demo
 
 test: $(STAMP)
-	$(BIN)/ruff check hf_fisher tests examples benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -67,3 +73,24 @@ def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
     """‖got − reference‖ / ‖reference‖ in fp64: the tolerance measure for fp32 accumulations."""
     reference = reference.double()
     return float((got.double() - reference).norm() / reference.norm())
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch_two_processes(script: str, *args: str) -> str:
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo); returns stdout.
+
+    `accelerate launch --cpu --num_processes 2` would silently start only one process, so callers must check
+    that the script saw a world size of 2.
+    """
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
+    cmd = [
+        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533", script, *args,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout

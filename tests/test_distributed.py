@@ -1,33 +1,16 @@
 """Two real processes (accelerate launch, CPU, gloo) give the same curvature as one process."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from torch.utils.data import DataLoader
 
 from hf_fisher import DiagonalFisher, KFACFactors, estimate_diagonal_fisher, estimate_kfac
-from tests.helpers import relative_error, tiny_llama
+from tests.helpers import launch_two_processes, relative_error, tiny_llama
 from tests.scripts.distributed_curvature import dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def launch_two_processes(script: str, *args: str) -> None:
-    """`accelerate launch --multi_gpu --num_processes 2` on CPU; `--cpu` would silently start only one."""
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
-    cmd = [
-        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533", script, *args,
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
 
 @pytest.mark.multiprocess

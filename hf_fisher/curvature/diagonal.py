@@ -168,8 +168,9 @@ def estimate_diagonal_fisher(
         max_batches: stop after this many batches (per process).
         accelerator: an ``accelerate.Accelerator``; the dataloader should be sharded by it
             (``accelerator.prepare(dataloader)``). Sums and counts are all-reduced, so the result equals
-            one process over the union of the shards (use ``even_batches=False`` or a dataset size
-            divisible by the global batch size, or Accelerate repeats samples to even out the shards).
+            one process over the union of the shards (pass ``Accelerator(dataloader_config=
+            DataLoaderConfiguration(even_batches=False))`` or a dataset size divisible by the global batch
+            size, or Accelerate repeats samples to even out the shards).
         seed: seed of the CPU generator for sampled labels (offset by process index).
         max_chunk_elements: bound on the per-sequence gradient buffer (sequences are processed in
             chunks of at most this many elements).
