@@ -193,3 +193,11 @@ def test_precondition_reads_model_grads(llama, batches):
     assert sorted(from_model) == [f"model.layers.{i}.mlp.down_proj.weight" for i in range(2)]
     for n in from_model:
         torch.testing.assert_close(from_model[n], explicit[n])
+
+
+@pytest.mark.parametrize("width", [5, 300, 1100, 1537])
+def test_blocked_symmetric_gram_equals_full_product(width):
+    from hf_fisher.curvature.kfac import _symmetric_gram
+
+    x = torch.randn(37, width, dtype=torch.float64, generator=torch.Generator().manual_seed(width))
+    torch.testing.assert_close(_symmetric_gram(x), x.T @ x)
