@@ -63,8 +63,12 @@ def _reference_factors(model, batches, kfac_type):
     return {n: A[n] / a_norm for n in layers}, {n: G[n] / n_seq for n in layers}
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("kfac_type", ["expand", "reduce"])
-def test_factors_match_explicit_outer_products(tiny_model, batches, kfac_type):
+def test_factors_match_explicit_outer_products(tiny_model, batches, kfac_type, packed):
+    if packed:  # every token supervised, no padding: few excluded positions (another code path)
+        batches = [{**b, "labels": b["input_ids"].clone(), "attention_mask": torch.ones_like(b["input_ids"])}
+                   for b in batches]
     factors = estimate_kfac(tiny_model, batches, kind="empirical", kfac_type=kfac_type)
     ref_A, ref_G = _reference_factors(tiny_model, batches, kfac_type)
     assert set(factors) == set(ref_A)

@@ -120,6 +120,7 @@ class BatchView:
 
     mask: torch.Tensor  # (B, T) bool: positions whose prediction is supervised
     counts: torch.Tensor  # (B,) number of supervised positions per sequence
+    n_excluded: int = 0  # number of unsupervised positions in the batch
 
 
 @dataclass
@@ -165,12 +166,13 @@ def _sample_targets(
     The uniforms come from a CPU generator (tiny: one per position), so the draw is reproducible
     across devices up to floating-point rounding of the cumulative sum.
     """
+    u = torch.rand(logits.shape[:-1], generator=generator, dtype=torch.float32).to(logits.device)
+    draws = torch.empty(logits.shape[:-1], dtype=torch.long, device=logits.device)
     with torch.no_grad():
-        probs = torch.softmax(logits.float(), dim=-1)
-        cdf = probs.cumsum_(dim=-1)
-        u = torch.rand(logits.shape[:-1], generator=generator, dtype=torch.float32).to(logits.device)
-        u = (u * cdf[..., -1]).unsqueeze(-1)
-        draws = torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+        for i in range(logits.shape[0]):  # one sequence at a time bounds the (T, vocab) temporaries
+            cdf = torch.softmax(logits[i].float(), dim=-1).cumsum_(dim=-1)
+            draws[i] = torch.searchsorted(cdf, (u[i] * cdf[..., -1]).unsqueeze(-1)).squeeze(-1)
+        draws.clamp_(max=logits.shape[-1] - 1)
     return torch.where(sup, draws, torch.full_like(draws, -100))
 
 
@@ -261,7 +263,7 @@ def run_curvature_pass(
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be a positive integer or None, got {max_batches}.")
     for name, param in model.named_parameters():
-        if not torch.isfinite(param).all():
+        if not all_finite(param):
             raise FloatingPointError(
                 f"Parameter {name!r} has NaN/Inf values, so every curvature downstream of it would too. "
                 "Reload or repair the model's weights before estimating curvature."
@@ -316,7 +318,7 @@ def run_curvature_pass(
                 )
             targets, mask = _supervision(batch, kind)
             counts = mask.sum(dim=1)
-            collector.batch = BatchView(mask=mask, counts=counts)
+            collector.batch = BatchView(mask=mask, counts=counts, n_excluded=int(mask.numel() - counts.sum()))
             seen_this_batch.clear()
             outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
             logits = outputs.logits[:, :-1]
@@ -354,10 +356,18 @@ def run_curvature_pass(
     return totals
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` has no NaN/Inf: one reduction, with an exact check only if the sum overflows or is NaN."""
+    total = t.detach().sum(dtype=torch.float64) if t.dtype.is_floating_point else None
+    if total is not None and bool(torch.isfinite(total)):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def check_finite(statistics: Mapping[str, torch.Tensor]) -> None:
     """Raise naming the first layer whose statistic has NaN or Inf."""
     for name, t in statistics.items():
-        if not torch.isfinite(t).all():
+        if not all_finite(t):
             raise FloatingPointError(
                 f"Non-finite values in the curvature of {name!r}. The model produced NaN/Inf gradients "
                 "there: check the model's dtype (fp16 overflow), its weights, and the input data."

@@ -116,6 +116,23 @@ class _FactorInput:
         """Output gradients at supervised positions ("expand") or their sum per sequence ("reduce")."""
         return self._select(collector, g, mean=False)
 
+    def gram(self, collector: CurvatureCollector, x: torch.Tensor, with_bias: bool, mean: bool) -> torch.Tensor:
+        """The factor contribution of one batch: Gram matrix of the selected (or aggregated) rows.
+
+        For "expand" with few unsupervised positions (packed text: one per sequence), the Gram of all rows
+        minus the Gram of the excluded rows avoids copying the selected rows out of ``x``.
+        """
+        batch = collector.batch
+        assert batch is not None
+        if self.kfac_type == "expand":
+            flat = x.reshape(-1, x.shape[-1])
+            n_excluded = batch.n_excluded
+            if n_excluded == 0:
+                return _gram(flat, with_bias)
+            if 8 * n_excluded <= flat.shape[0]:
+                return _gram(flat, with_bias).sub_(_gram(flat[~batch.mask.reshape(-1)], with_bias))
+        return _gram(self._select(collector, x, mean), with_bias)
+
 
 class _KFACCollector(CurvatureCollector):
     """Sums of input and output-gradient outer products; layers sharing an input compute A once."""
@@ -123,35 +140,43 @@ class _KFACCollector(CurvatureCollector):
     def __init__(self, layers: dict[str, TargetLayer], kfac_type: KFACType):
         super().__init__(layers)
         self.select = _FactorInput(kfac_type)
+        # Buffers start empty and take the first contribution as is (no zero fill, no extra pass).
         self.A: dict[str, torch.Tensor] = {}
         self.G: dict[str, torch.Tensor] = {}
-        for layer in layers.values():
-            device = layer.module.weight.device
-            d_in = layer.in_features + int(layer.has_bias)
-            self.A[layer.name] = torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
-            self.G[layer.name] = torch.zeros(
-                layer.out_features, layer.out_features, dtype=torch.float32, device=device
-            )
         # The last input seen and its Gram matrix: q/k/v (and gate/up) receive the same tensor in a row.
         # Holding the tensor keeps its memory alive, so its address cannot be reused by another input.
         self._last: tuple[torch.Tensor, bool, torch.Tensor] | None = None
 
+    @staticmethod
+    def _accumulate(store: dict[str, torch.Tensor], name: str, value: torch.Tensor, shared: bool) -> None:
+        if name in store:
+            store[name].add_(value)
+        else:
+            store[name] = value.clone() if shared else value
+
     def on_input(self, layer: TargetLayer, a: torch.Tensor) -> None:
         last = self._last
         if last is not None and last[1] == layer.has_bias and _same_storage(last[0], a):
-            gram = last[2]
-        else:
-            gram = _gram(self.select.inputs(self, a), layer.has_bias)
-            self._last = (a, layer.has_bias, gram)
-        self.A[layer.name].add_(gram)
+            self._accumulate(self.A, layer.name, last[2], shared=True)
+            return
+        gram = self.select.gram(self, a, layer.has_bias, mean=True)
+        self._last = (a, layer.has_bias, gram)
+        self._accumulate(self.A, layer.name, gram, shared=True)
 
     def on_output_grad(self, layer: TargetLayer, g: torch.Tensor) -> None:
-        self.G[layer.name].add_(_gram(self.select.output_grads(self, g), False))
+        self._accumulate(self.G, layer.name, self.select.gram(self, g, False, mean=False), shared=False)
 
     def end_batch(self) -> None:
         self._last = None
 
     def buffers(self) -> dict[str, torch.Tensor]:
+        for layer in self.layers.values():  # a process that saw no data still takes part in the all-reduce
+            device = layer.module.weight.device
+            d_in = layer.in_features + int(layer.has_bias)
+            if layer.name not in self.A:
+                self.A[layer.name] = torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
+            if layer.name not in self.G:
+                self.G[layer.name] = torch.zeros(layer.out_features, layer.out_features, device=device)
         return {**{f"{k}.A": v for k, v in self.A.items()}, **{f"{k}.G": v for k, v in self.G.items()}}
 
 

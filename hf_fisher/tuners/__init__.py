@@ -1,0 +1,1 @@
+"""PEFT integrations, one subpackage per method."""
