@@ -143,3 +143,19 @@ def test_mapping_interface_and_summary(llama, batches):
     assert abs(sum(r["share"] for r in rows) - 1.0) < 1e-9
     with pytest.raises(KeyError, match="No Fisher for .model.embed_tokens.weight"):
         fisher["model.embed_tokens.weight"]
+
+
+def test_bf16_model_accumulates_in_fp32(batches):
+    from hf_fisher import estimate_kfac
+    from tests.helpers import tiny_llama
+
+    fp32 = tiny_llama()
+    bf16 = tiny_llama().to(torch.bfloat16)
+    ref = estimate_diagonal_fisher(fp32, batches)
+    low = estimate_diagonal_fisher(bf16, batches)
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert low[name].dtype == torch.float32 and low.metadata.model_dtype == "bfloat16"
+    assert _rel_err(low[name], ref[name]) < 0.1  # bf16 activations, fp32 statistics
+    factors = estimate_kfac(bf16, batches, kind="empirical")
+    assert factors["model.layers.1.mlp.down_proj"].A.dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())

@@ -170,3 +170,16 @@ def test_quantized_base_is_refused(fisher):
     with pytest.raises(ValueError, match="quantized base weight"):
         initialize_lora_fwsvd(model, fisher)
     assert _unchanged(model, snap)
+
+
+def test_bf16_model_is_factorised_in_fp32(fisher):
+    batch = _inputs()
+    base = tiny_llama().to(torch.bfloat16)
+    reference = _logits(base, batch).float()
+    model = _lora_model(tiny_llama().to(torch.bfloat16))
+    initialize_lora_fwsvd(model, fisher)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    # The residual is stored in bf16: outputs agree to bf16 precision, not fp32.
+    got = _logits(model, batch).float()
+    assert float((got - reference).norm() / reference.norm()) < 2e-2

@@ -200,8 +200,20 @@ def test_precondition_reads_model_grads(llama, batches):
 
 
 @pytest.mark.parametrize("width", [5, 300, 1100, 1537])
-def test_blocked_symmetric_gram_equals_full_product(width):
-    from hf_fisher.curvature.kfac import _symmetric_gram
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_blocked_gram_accumulation_equals_full_products(width, with_bias):
+    from hf_fisher.curvature.kfac import accumulate_gram, mirror_upper_blocks
 
-    x = torch.randn(37, width, dtype=torch.float64, generator=torch.Generator().manual_seed(width))
-    torch.testing.assert_close(_symmetric_gram(x), x.T @ x)
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(37, width, dtype=torch.float64, generator=g)
+    y = torch.randn(5, width, dtype=torch.float64, generator=g)
+    if with_bias:
+        xo, yo = (torch.cat([t, torch.ones(t.shape[0], 1, dtype=t.dtype)], dim=1) for t in (x, y))
+    else:
+        xo, yo = x, y
+    expected = xo.T @ xo - yo.T @ yo
+    buffer = torch.zeros(expected.shape, dtype=torch.float32)
+    accumulate_gram(buffer, x, with_bias)
+    accumulate_gram(buffer, y, with_bias, alpha=-1.0)
+    got = mirror_upper_blocks(buffer, with_bias)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)

@@ -191,7 +191,7 @@ def estimate_diagonal_fisher(
         seed=seed,
         description=f"diagonal Fisher ({kind}, {reduction})",
     )
-    fisher = {name: s / totals.n_sequences for name, s in collector.sums.items()}
+    fisher = {name: s.div_(totals.n_sequences) for name, s in collector.sums.items()}
     check_finite(fisher)
     first = next(iter(layers.values())).module.weight
     metadata = CurvatureMetadata(

@@ -57,35 +57,47 @@ def _with_ones(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
 
 
-def _symmetric_gram(x: torch.Tensor) -> torch.Tensor:
-    """``xᵀx`` computing only the block upper triangle (about half the FLOPs for wide ``x``), then mirrored."""
-    d = x.shape[1]
+def _block_step(d: int) -> int:
+    """Block size for symmetric Gram products: 2-4 blocks for wide matrices, one block otherwise."""
     blocks = 4 if d >= 1024 else 2 if d >= 256 else 1
-    if blocks == 1:
-        return x.T @ x
-    step = -(-d // blocks)
-    out = x.new_empty(d, d)
+    return -(-d // blocks)
+
+
+def accumulate_gram(buffer: torch.Tensor, x: torch.Tensor, with_bias: bool, alpha: float = 1.0) -> None:
+    """``buffer += alpha · [x, 1]ᵀ [x, 1]`` on the block upper triangle only (about half the FLOPs).
+
+    The ones column (bias) is never materialised: its entries are column sums and the row count, kept in
+    the last column. Call :func:`mirror_upper_blocks` once at the end to fill the lower triangle.
+    """
+    x = x.float()
+    d = x.shape[1]
+    step = _block_step(d)
+    for i in range(0, d, step):  # block row i, from the diagonal block rightwards, straight into the buffer
+        end = min(i + step, d)
+        buffer[i:end, i:d].addmm_(x[:, i:end].T, x[:, i:], alpha=alpha)
+    if with_bias:
+        buffer[:d, d].add_(x.sum(dim=0), alpha=alpha)
+        buffer[d, d] += alpha * x.shape[0]
+
+
+def mirror_upper_blocks(buffer: torch.Tensor, with_bias: bool) -> torch.Tensor:
+    """Complete a matrix filled by :func:`accumulate_gram`: copy its block upper triangle below the diagonal."""
+    d = buffer.shape[0] - int(with_bias)
+    step = _block_step(d)
     for i in range(0, d, step):
-        row = x[:, i : i + step].T @ x[:, i:]  # block row i, from the diagonal block rightwards
-        out[i : i + step, i:] = row
-        out[i + step :, i : i + step] = row[:, step:].T
-    return out
+        end = min(i + step, d)  # diagonal blocks are complete already
+        buffer[end:d, i:end] = buffer[i:end, end:d].T
+    if with_bias:
+        buffer[d, :d] = buffer[:d, d]
+    return buffer
 
 
 def _gram(x: torch.Tensor, with_bias: bool) -> torch.Tensor:
-    """``[x, 1]ᵀ [x, 1]`` (or ``xᵀx``) in fp32 without materialising the ones column."""
-    x = x.float()
-    xx = _symmetric_gram(x)
-    if not with_bias:
-        return xx
-    d = x.shape[1]
-    out = x.new_empty(d + 1, d + 1)
-    out[:d, :d] = xx
-    col = x.sum(dim=0)
-    out[:d, d] = col
-    out[d, :d] = col
-    out[d, d] = x.shape[0]
-    return out
+    """``[x, 1]ᵀ [x, 1]`` (or ``xᵀx``) in fp32."""
+    d = x.shape[1] + int(with_bias)
+    out = torch.zeros(d, d, dtype=torch.float32, device=x.device)
+    accumulate_gram(out, x, with_bias)
+    return mirror_upper_blocks(out, with_bias)
 
 
 def _same_storage(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -116,8 +128,10 @@ class _FactorInput:
         """Output gradients at supervised positions ("expand") or their sum per sequence ("reduce")."""
         return self._select(collector, g, mean=False)
 
-    def gram(self, collector: CurvatureCollector, x: torch.Tensor, with_bias: bool, mean: bool) -> torch.Tensor:
-        """The factor contribution of one batch: Gram matrix of the selected (or aggregated) rows.
+    def accumulate(
+        self, collector: CurvatureCollector, buffer: torch.Tensor, x: torch.Tensor, with_bias: bool, mean: bool
+    ) -> None:
+        """Add one batch's factor contribution: the Gram matrix of the selected (or aggregated) rows.
 
         For "expand" with few unsupervised positions (packed text: one per sequence), the Gram of all rows
         minus the Gram of the excluded rows avoids copying the selected rows out of ``x``.
@@ -127,57 +141,78 @@ class _FactorInput:
         if self.kfac_type == "expand":
             flat = x.reshape(-1, x.shape[-1])
             n_excluded = batch.n_excluded
-            if n_excluded == 0:
-                return _gram(flat, with_bias)
             if 8 * n_excluded <= flat.shape[0]:
-                return _gram(flat, with_bias).sub_(_gram(flat[~batch.mask.reshape(-1)], with_bias))
-        return _gram(self._select(collector, x, mean), with_bias)
+                accumulate_gram(buffer, flat, with_bias)
+                if n_excluded:
+                    accumulate_gram(buffer, flat[~batch.mask.reshape(-1)], with_bias, alpha=-1.0)
+                return
+        accumulate_gram(buffer, self._select(collector, x, mean), with_bias)
 
 
 class _KFACCollector(CurvatureCollector):
-    """Sums of input and output-gradient outer products; layers sharing an input compute A once."""
+    """Sums of input and output-gradient outer products, accumulated in place (block upper triangles).
+
+    Layers fed the very same input tensor (q/k/v, gate/up) share one A buffer, computed once per batch; the
+    sharing is found on the first batch and checked on every later one.
+    """
 
     def __init__(self, layers: dict[str, TargetLayer], kfac_type: KFACType):
         super().__init__(layers)
         self.select = _FactorInput(kfac_type)
-        # Buffers start empty and take the first contribution as is (no zero fill, no extra pass).
         self.A: dict[str, torch.Tensor] = {}
         self.G: dict[str, torch.Tensor] = {}
-        # The last input seen and its Gram matrix: q/k/v (and gate/up) receive the same tensor in a row.
-        # Holding the tensor keeps its memory alive, so its address cannot be reused by another input.
-        self._last: tuple[torch.Tensor, bool, torch.Tensor] | None = None
+        self.A_owner: dict[str, str] = {}  # layer -> layer whose A buffer it shares (itself if none)
+        # The last input seen and the layer that owns its A. Holding the tensor keeps its memory alive,
+        # so its address cannot be reused by another input within the batch.
+        self._last: tuple[torch.Tensor, TargetLayer] | None = None
 
     @staticmethod
-    def _accumulate(store: dict[str, torch.Tensor], name: str, value: torch.Tensor, shared: bool) -> None:
-        if name in store:
-            store[name].add_(value)
-        else:
-            store[name] = value.clone() if shared else value
+    def _zeros(d: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(d, d, dtype=torch.float32, device=like.device)
 
     def on_input(self, layer: TargetLayer, a: torch.Tensor) -> None:
         last = self._last
-        if last is not None and last[1] == layer.has_bias and _same_storage(last[0], a):
-            self._accumulate(self.A, layer.name, last[2], shared=True)
-            return
-        gram = self.select.gram(self, a, layer.has_bias, mean=True)
-        self._last = (a, layer.has_bias, gram)
-        self._accumulate(self.A, layer.name, gram, shared=True)
+        same = last is not None and last[1].has_bias == layer.has_bias and _same_storage(last[0], a)
+        owner = self.A_owner.get(layer.name)
+        if owner is None:  # first batch: decide sharing
+            owner = last[1].name if same else layer.name
+            self.A_owner[layer.name] = owner
+            if owner == layer.name:
+                self.A[layer.name] = self._zeros(layer.in_features + int(layer.has_bias), a)
+        elif (owner != layer.name) != same or (same and last[1].name != owner):
+            raise RuntimeError(
+                f"Layer {layer.name!r} shared its input with {owner!r} on the first batch but not now; the model's "
+                "data flow changes between batches. Estimate these layers separately (target_modules)."
+            )
+        if owner == layer.name:
+            self.select.accumulate(self, self.A[layer.name], a, layer.has_bias, mean=True)
+            self._last = (a, layer)
 
     def on_output_grad(self, layer: TargetLayer, g: torch.Tensor) -> None:
-        self._accumulate(self.G, layer.name, self.select.gram(self, g, False, mean=False), shared=False)
+        if layer.name not in self.G:
+            self.G[layer.name] = self._zeros(layer.out_features, g)
+        self.select.accumulate(self, self.G[layer.name], g, False, mean=False)
 
     def end_batch(self) -> None:
         self._last = None
 
     def buffers(self) -> dict[str, torch.Tensor]:
-        for layer in self.layers.values():  # a process that saw no data still takes part in the all-reduce
-            device = layer.module.weight.device
-            d_in = layer.in_features + int(layer.has_bias)
-            if layer.name not in self.A:
-                self.A[layer.name] = torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
+        """Completed (mirrored) sums, one per owned A and per G; missing ones (no data here) are zeros."""
+        out = {}
+        for layer in self.layers.values():
+            if self.A_owner.setdefault(layer.name, layer.name) == layer.name:
+                if layer.name not in self.A:
+                    self.A[layer.name] = self._zeros(layer.in_features + int(layer.has_bias), layer.module.weight)
+                out[f"{layer.name}.A"] = mirror_upper_blocks(self.A[layer.name], layer.has_bias)
             if layer.name not in self.G:
-                self.G[layer.name] = torch.zeros(layer.out_features, layer.out_features, device=device)
-        return {**{f"{k}.A": v for k, v in self.A.items()}, **{f"{k}.G": v for k, v in self.G.items()}}
+                self.G[layer.name] = self._zeros(layer.out_features, layer.module.weight)
+            out[f"{layer.name}.G"] = mirror_upper_blocks(self.G[layer.name], False)
+        return out
+
+    def factor_A(self, name: str) -> torch.Tensor:
+        """The (unnormalised) A sum of a layer; layers sharing a buffer get their own copy."""
+        owner = self.A_owner[name]
+        return self.A[owner] if owner == name else self.A[owner].clone()
 
 
 class _EigenCorrectionCollector(CurvatureCollector):
@@ -442,11 +477,13 @@ def estimate_kfac(
     common = dict(kind=kind, max_batches=max_batches, accelerator=accelerator, seed=seed)
     totals = run_curvature_pass(model, dataloader, collector, description=f"K-FAC ({kfac_type})", **common)
     a_norm = totals.n_tokens if kfac_type == "expand" else totals.n_sequences
+    for buffer in collector.A.values():  # each shared buffer once, in place: no second copy of the factors
+        buffer.div_(a_norm)
     factors: dict[str, KFACLayer] = {}
     for name, layer in layers.items():
         factors[name] = KFACLayer(
-            A=collector.A[name] / a_norm,
-            G=collector.G[name] / totals.n_sequences,
+            A=collector.factor_A(name),
+            G=collector.G[name].div_(totals.n_sequences),
             has_bias=layer.has_bias,
             transposed=layer.transposed,
         )
