@@ -57,6 +57,19 @@ def test_kfac_round_trips_in_fresh_process(tmp_path, gpt2, batches):
     """)
 
 
+def test_saved_estimate_has_a_model_card(tmp_path, batches):
+    from hf_fisher.cards import is_hub_id
+
+    model = tiny_llama()
+    model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    estimate_kfac(model, batches, data_description="random tokens").save_pretrained(tmp_path / "kfac")
+    card = (tmp_path / "kfac" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: hf_fisher")
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "KFACFactors.from_pretrained" in card
+    assert "6 sequences" in card and "random tokens" in card
+    assert is_hub_id("gpt2") and not is_hub_id("/tmp/model") and not is_hub_id("./x") and not is_hub_id(None)
+
+
 def test_loading_against_another_model_raises(tmp_path, batches):
     fisher = estimate_diagonal_fisher(tiny_llama(), batches)
     fisher.save_pretrained(tmp_path / "fisher")

@@ -74,6 +74,9 @@ def save_curvature(
         tmp_config = Path(f.name)
     os.replace(tmp_tensors, out / filename)
     os.replace(tmp_config, out / CONFIG_NAME)
+    from hf_fisher.cards import curvature_card
+
+    (out / "README.md").write_text(curvature_card(metadata, filename))
     return out
 
 
