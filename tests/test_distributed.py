@@ -32,3 +32,11 @@ def test_two_processes_match_one(tmp_path):
     for name, layer in factors.items():
         assert relative_error(dist_factors[name].A, layer.A) <= 1e-5, name
         assert relative_error(dist_factors[name].G, layer.G) <= 1e-5, name
+
+    # A process without any batch: same factors as one process over the single batch.
+    one = estimate_kfac(model, DataLoader(dataset()[:2], batch_size=2), kind="empirical")
+    dist_one = KFACFactors.from_pretrained(tmp_path / "kfac_one", model=model)
+    assert dist_one.metadata.n_sequences == 2
+    for name, layer in one.items():
+        assert relative_error(dist_one[name].A, layer.A) <= 1e-5, name
+        assert relative_error(dist_one[name].G, layer.G) <= 1e-5, name

@@ -230,6 +230,9 @@ class CurvatureCollector:
     def end_batch(self) -> None:
         """Drop per-batch caches."""
 
+    def synchronize(self, accelerator: Any) -> None:
+        """Agree across processes on anything decided from the data (before the sums are all-reduced)."""
+
 
 def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
@@ -237,13 +240,14 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _all_reduce_sum(tensors: Iterable[torch.Tensor], accelerator: Any) -> None:
+def _all_reduce_sum(tensors: Iterable[torch.Tensor], accelerator: Any, op: str = "sum") -> None:
     if accelerator is None or accelerator.num_processes <= 1:
         return
     import torch.distributed as dist
 
+    reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
     for t in tensors:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=reduce_op)
 
 
 def run_curvature_pass(
@@ -338,6 +342,8 @@ def run_curvature_pass(
             n_batches += 1
         collector.batch = None
 
+    if accelerator is not None and accelerator.num_processes > 1:
+        collector.synchronize(accelerator)
     sums = list(collector.buffers().values())
     counts_t = torch.stack([n_sequences, n_tokens, n_batches])
     if accelerator is not None and accelerator.num_processes > 1:

@@ -196,6 +196,23 @@ class _KFACCollector(CurvatureCollector):
     def end_batch(self) -> None:
         self._last = None
 
+    def synchronize(self, accelerator: Any) -> None:
+        """Adopt the input-sharing map of the processes that saw data, so every process reduces the same list."""
+        from hf_fisher.curvature.collect import _all_reduce_sum
+
+        names = list(self.layers)
+        index = {name: i for i, name in enumerate(names)}
+        device = next(iter(self.layers.values())).module.weight.device
+        owners = torch.tensor([index.get(self.A_owner.get(n, ""), -1) for n in names], device=device)
+        _all_reduce_sum([owners], accelerator, op="max")
+        for name, owner in zip(names, owners.tolist(), strict=True):
+            owner_name = names[owner] if owner >= 0 else name
+            if self.A_owner.get(name, owner_name) != owner_name:
+                raise RuntimeError(f"Processes disagree on which layer's input {name!r} shares; cannot reduce.")
+            self.A_owner[name] = owner_name
+            if owner_name != name:
+                self.A.pop(name, None)
+
     def buffers(self) -> dict[str, torch.Tensor]:
         """Completed (mirrored) sums, one per owned A and per G; missing ones (no data here) are zeros."""
         out = {}

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from torch.utils.data import DataLoader
 
 from hf_fisher import estimate_diagonal_fisher, estimate_kfac
@@ -23,14 +23,18 @@ def dataset() -> list[dict[str, torch.Tensor]]:
 
 
 def main(out: Path) -> None:
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(even_batches=False))
     model = tiny_llama()
     loader = accelerator.prepare(DataLoader(dataset(), batch_size=2, shuffle=False))
     fisher = estimate_diagonal_fisher(model, loader, accelerator=accelerator)
     factors = estimate_kfac(model, loader, kind="empirical", accelerator=accelerator)
+    # One batch only: the second process sees no data at all and must still take part correctly.
+    one = accelerator.prepare(DataLoader(dataset()[:2], batch_size=2, shuffle=False))
+    factors_one = estimate_kfac(model, one, kind="empirical", accelerator=accelerator)
     if accelerator.is_main_process:
         fisher.save_pretrained(out / "fisher")
         factors.save_pretrained(out / "kfac")
+        factors_one.save_pretrained(out / "kfac_one")
         (out / "world.json").write_text(json.dumps({"world_size": accelerator.num_processes}))
     accelerator.wait_for_everyone()
 
