@@ -104,6 +104,51 @@ def run_fisher(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_compress(args: argparse.Namespace) -> int:
+    """Factorize a model's linear layers (FWSVD with a Fisher, plain SVD without) and save it atomically."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from hf_fisher import DiagonalFisher, compress_fwsvd, estimate_diagonal_fisher, load_default_model
+
+    if (args.rank is None) == (args.ratio is None):
+        raise ValueError("Pass exactly one of --rank or --ratio.")
+    out = Path(args.output_dir)
+    if out.exists():
+        raise ValueError(f"--output-dir {out} exists already; choose a new folder (nothing is overwritten).")
+    tokenizer = None
+    if args.model is None:
+        model, tokenizer = load_default_model()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model)
+    targets = args.target_modules.split(",") if args.target_modules else None
+    fisher = None
+    if args.fisher == "estimate":
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        loader = _text_dataloader(tokenizer, args.corpus, "train", args.seq_len, 8, args.max_sequences)
+        fisher = estimate_diagonal_fisher(model, loader, target_modules=targets, data_description=args.corpus)
+    elif args.fisher is not None:
+        fisher = DiagonalFisher.from_pretrained(args.fisher, model=model)
+    ranks = compress_fwsvd(model, fisher, rank=args.rank, ratio=args.ratio, target_modules=targets, side=args.side)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    method = "FWSVD" if fisher is not None else "plain SVD"
+    print(f"Compressed {len(ranks)} layers with {method}; saved to {out} (load with hf_fisher.load_compressed_model).")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-fisher",
@@ -136,12 +181,29 @@ def build_parser() -> argparse.ArgumentParser:
     fisher.add_argument("--seed", type=int, default=0)
     fisher.add_argument("--output-dir", required=True, help="folder for the safetensors + JSON result")
     fisher.set_defaults(func=run_fisher)
+
+    compress = sub.add_parser("compress", help="factorize linear layers by Fisher-weighted (or plain) SVD")
+    compress.add_argument("--model", default=None, help="HF model id or local path (default: the embedded model)")
+    compress.add_argument("--rank", type=int, default=None, help="the same rank for every layer")
+    compress.add_argument("--ratio", type=float, default=None, help="share of each layer's parameters to remove")
+    compress.add_argument("--fisher", default="estimate",
+                          help="'estimate' (on --corpus), a folder saved by DiagonalFisher, or 'none' for plain SVD")
+    compress.add_argument("--side", choices=["row", "column", "both"], default="row",
+                          help="Fisher weighting: per output row (FWSVD), per input column, or both")
+    compress.add_argument("--target-modules", default=None, help="comma-separated module names (default: all Linear)")
+    compress.add_argument("--corpus", choices=["lee_background", "shakespeare"], default="lee_background")
+    compress.add_argument("--seq-len", type=int, default=128)
+    compress.add_argument("--max-sequences", type=int, default=32)
+    compress.add_argument("--output-dir", required=True, help="new folder for the compressed model")
+    compress.set_defaults(func=run_compress)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "fisher", None) == "none":
+        args.fisher = None
     try:
         return args.func(args)
     except (ValueError, ImportError, OSError, MemoryError) as err:

@@ -28,3 +28,23 @@ def test_unknown_choice_is_rejected():
     with pytest.raises(SystemExit) as exc:
         main(["fisher", "--curvature", "full", "--output-dir", "x"])
     assert exc.value.code == 2
+
+
+def test_compress_subcommand_with_plain_svd(tmp_path):
+    import torch
+
+    from hf_fisher import load_compressed_model
+    from hf_fisher.compression import LowRankLinear
+    from tests.helpers import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "compressed"
+    args = ["compress", "--model", str(tmp_path / "tiny"), "--ratio", "0.5", "--fisher", "none"]
+    assert main([*args, "--output-dir", str(out)]) == 0
+    model = load_compressed_model(out)
+    assert isinstance(model.model.layers[0].mlp.up_proj, LowRankLinear)
+    assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+    # An existing output folder is refused, and nothing is written.
+    assert main([*args, "--output-dir", str(out)]) == 2
+    assert main(["compress", "--model", str(tmp_path / "tiny"), "--output-dir", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
