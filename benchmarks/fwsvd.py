@@ -145,6 +145,8 @@ def main() -> None:
     parser.add_argument("--lrs", default="5e-5,2e-4,8e-4")
     parser.add_argument("--train-sequences", type=int, default=64)
     parser.add_argument("--train-batch", type=int, default=4)
+    parser.add_argument("--target-regex", default=None,
+                        help="compress only the linears whose full name matches (default: all block linears)")
     args = parser.parse_args()
 
     model, tokenizer = load_default_model()
@@ -154,18 +156,22 @@ def main() -> None:
     if args.part in ("init", "all"):
         sections["init"] = init_part(args, model, tokenizer)
     output = Path(args.output)
-    previous = output.read_text() if output.exists() else ""
-    text = "# FWSVD benchmarks\n\n"
-    for key, title in (("compression", "## Part 1"), ("init", "## Part 2")):
-        if key in sections:
-            text += "\n".join(sections[key]) + "\n\n"
-        elif title in previous:  # keep the other part's last results
-            start = previous.index(title)
-            end = previous.find("\n## Part", start + 1)
-            text += previous[start : end if end > 0 else None].strip() + "\n\n"
+    kept = _sections(output.read_text()) if output.exists() else {}
+    for lines in sections.values():  # replace sections with the same heading, keep the others
+        kept[lines[0]] = "\n".join(lines)
+    text = "# FWSVD benchmarks\n\n" + "\n\n".join(kept[k].strip() for k in sorted(kept)) + "\n"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
     print(text)
+
+
+def _sections(text: str) -> dict[str, str]:
+    """Split a results file into its "## " sections, keyed by heading line."""
+    parts = {}
+    for chunk in text.split("\n## ")[1:]:
+        heading = "## " + chunk.splitlines()[0]
+        parts[heading] = "## " + chunk
+    return parts
 
 
 def compression_part(args, model, tokenizer) -> list[str]:
@@ -189,17 +195,20 @@ def compression_part(args, model, tokenizer) -> list[str]:
         for method, f, side in variants:
             compressed = copy.deepcopy(model)
             start = time.perf_counter()
-            compress_fwsvd(compressed, f, ratio=ratio, side=side)
+            compress_fwsvd(compressed, f, ratio=ratio, side=side, target_modules=args.target_regex)
             seconds = time.perf_counter() - start
             params[ratio] = sum(p.numel() for p in compressed.parameters())
             rows.append((method, f"{ratio:.0%}", *(perplexity(compressed, d) for d in evals.values()), seconds))
             print(rows[-1], flush=True)
             del compressed
 
+    scope = f"the block linears matching `{args.target_regex}`" if args.target_regex else "all 210 block linears"
     lines = [
-        "## Part 1: compression (Fisher-weighted vs plain SVD)",
+        "## Part 1"
+        + (f"b: compression of {args.target_regex}" if args.target_regex else ": compression of all block linears")
+        + " (Fisher-weighted vs plain SVD)",
         "",
-        f"Default model (SmolLM2-135M-Instruct, fp32, {n_dense / 1e6:.1f} M parameters); all 210 block linears "
+        f"Default model (SmolLM2-135M-Instruct, fp32, {n_dense / 1e6:.1f} M parameters); {scope} "
         "factorized with the given share of each layer's parameters removed (embeddings untouched: "
         + ", ".join(f"{r:.0%} → {p / 1e6:.1f} M parameters in all" for r, p in params.items())
         + f"). Diagonal Fisher (empirical, per-sequence) on {args.fisher_sequences} x {args.seq_len} tokens of "
@@ -218,7 +227,7 @@ def compression_part(args, model, tokenizer) -> list[str]:
             ref = base[ratio][2:-1]
             lines.append(
                 f"- {method}, {ratio} removed: "
-                + ", ".join(f"{k} {p / q:.2f}×" for k, p, q in zip(evals, ppl, ref, strict=True))
+                + ", ".join(f"{k} {p / q:.3g}×" for k, p, q in zip(evals, ppl, ref, strict=True))
             )
     return lines
 
