@@ -9,6 +9,7 @@ from hf_fisher.curvature import (  # noqa: E402
     estimate_diagonal_fisher,
     estimate_kfac,
 )
+from hf_fisher.data import build_fictitious_facts  # noqa: E402
 from hf_fisher.lowrank import fisher_weights, weighted_low_rank  # noqa: E402
 from hf_fisher.models import load_default_model, load_model  # noqa: E402
 from hf_fisher.tuners.fwsvd import (  # noqa: E402
@@ -21,6 +22,7 @@ __all__ = [
     "DiagonalFisher",
     "KFACFactors",
     "__version__",
+    "build_fictitious_facts",
     "compress_fwsvd",
     "estimate_diagonal_fisher",
     "estimate_kfac",
