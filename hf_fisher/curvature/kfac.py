@@ -92,14 +92,6 @@ def mirror_upper_blocks(buffer: torch.Tensor, with_bias: bool) -> torch.Tensor:
     return buffer
 
 
-def _gram(x: torch.Tensor, with_bias: bool) -> torch.Tensor:
-    """``[x, 1]ᵀ [x, 1]`` (or ``xᵀx``) in fp32."""
-    d = x.shape[1] + int(with_bias)
-    out = torch.zeros(d, d, dtype=torch.float32, device=x.device)
-    accumulate_gram(out, x, with_bias)
-    return mirror_upper_blocks(out, with_bias)
-
-
 def _same_storage(x: torch.Tensor, y: torch.Tensor) -> bool:
     return x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride() and x.dtype == y.dtype
 

@@ -160,6 +160,15 @@ def initialize_lora_fwsvd(
             plan.weight.copy_(residual.to(plan.weight.dtype))
 
 
+def _save_adapter_flat(peft_model: nn.Module, folder: Path, adapter_name: str, **kwargs) -> None:
+    """``save_pretrained`` of one adapter straight into ``folder`` (PEFT puts non-default ones in a subfolder)."""
+    peft_model.save_pretrained(str(folder), selected_adapters=[adapter_name], **kwargs)
+    if adapter_name != "default":
+        for item in (folder / adapter_name).iterdir():
+            shutil.move(str(item), folder / item.name)
+        (folder / adapter_name).rmdir()
+
+
 def save_fwsvd_adapter(
     peft_model: nn.Module,
     save_directory: str | os.PathLike,
@@ -188,19 +197,8 @@ def save_fwsvd_adapter(
     if staging.resolve() != initial.resolve():
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(initial, staging)
-    peft_model.save_pretrained(
-        str(out), selected_adapters=[adapter_name], path_initial_model_for_weight_conversion=str(staging)
-    )
-    if adapter_name != "default":  # PEFT writes non-default adapters into a subfolder
-        for item in (out / adapter_name).iterdir():
-            shutil.move(str(item), out / item.name)
-        (out / adapter_name).rmdir()
-    unconverted = out / UNCONVERTED_DIR
-    peft_model.save_pretrained(str(unconverted), selected_adapters=[adapter_name])
-    if adapter_name != "default":
-        for item in (unconverted / adapter_name).iterdir():
-            shutil.move(str(item), unconverted / item.name)
-        (unconverted / adapter_name).rmdir()
+    _save_adapter_flat(peft_model, out, adapter_name, path_initial_model_for_weight_conversion=str(staging))
+    _save_adapter_flat(peft_model, out / UNCONVERTED_DIR, adapter_name)
     return out
 
 
