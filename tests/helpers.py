@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,13 @@ def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    """A TCP port free right now, so that concurrent two-process tests do not collide on a fixed port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def launch_two_processes(script: str, *args: str) -> str:
     """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo); returns stdout.
 
@@ -87,7 +95,7 @@ def launch_two_processes(script: str, *args: str) -> str:
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
     cmd = [
         accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533", script, *args,
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), script, *args,
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "CUDA_VISIBLE_DEVICES": ""}
