@@ -1,0 +1,27 @@
+"""LLM unlearning: forget/retain data pairing, the standard objectives and :class:`UnlearningTrainer`."""
+
+from hf_fisher.trainers.unlearning.data import ForgetRetainCollator, ForgetRetainDataset
+from hf_fisher.trainers.unlearning.losses import (
+    NPO,
+    UNLEARNING_LOSSES,
+    GradAscent,
+    GradDiff,
+    SimNPO,
+    UnlearningLoss,
+    build_unlearning_loss,
+)
+from hf_fisher.trainers.unlearning.trainer import UnlearningArguments, UnlearningTrainer
+
+__all__ = [
+    "NPO",
+    "UNLEARNING_LOSSES",
+    "ForgetRetainCollator",
+    "ForgetRetainDataset",
+    "GradAscent",
+    "GradDiff",
+    "SimNPO",
+    "UnlearningArguments",
+    "UnlearningLoss",
+    "UnlearningTrainer",
+    "build_unlearning_loss",
+]
