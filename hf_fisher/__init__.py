@@ -10,6 +10,7 @@ from hf_fisher.curvature import (  # noqa: E402
     estimate_kfac,
 )
 from hf_fisher.data import build_fictitious_facts  # noqa: E402
+from hf_fisher.evaluation import evaluate_unlearning  # noqa: E402
 from hf_fisher.lowrank import fisher_weights, weighted_low_rank  # noqa: E402
 from hf_fisher.models import load_default_model, load_model  # noqa: E402
 from hf_fisher.trainers import UnlearningArguments, UnlearningTrainer  # noqa: E402
@@ -29,6 +30,7 @@ __all__ = [
     "compress_fwsvd",
     "estimate_diagonal_fisher",
     "estimate_kfac",
+    "evaluate_unlearning",
     "fisher_weights",
     "initialize_lora_fwsvd",
     "load_compressed_model",

@@ -114,3 +114,10 @@ def qa_rows(n: int, seed: int, vocab: int = 96) -> list[dict[str, list[int]]]:
         ids = torch.randint(1, vocab, (prompt + answer,), generator=g).tolist()
         rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * prompt + ids[prompt:]})
     return rows
+
+
+def pad_rows(rows, pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded tensors of tokenized rows (the library's pad_collate, imported lazily)."""
+    from hf_fisher.data.facts import pad_collate
+
+    return pad_collate(rows, pad_token_id)
