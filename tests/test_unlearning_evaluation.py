@@ -8,7 +8,7 @@ import json
 import bitsandbytes as bnb
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_fisher import build_fictitious_facts
 from hf_fisher.evaluation import evaluate_unlearning, quantization_attack, relearning_attack
@@ -129,3 +129,29 @@ def test_relearning_attack_fits_its_rows_and_leaves_the_model():
     assert unchanged == pytest.approx(before)
     with pytest.raises(ValueError, match="at least one row"):
         relearning_attack(model, [], pad_token_id=0)
+
+
+def test_reference_model_recipe_is_cached(tokenizer, tmp_path, monkeypatch):
+    from hf_fisher.trainers.unlearning.recipe import FactsRecipe, make_reference_models, reference_model_dir
+
+    monkeypatch.setenv("HF_FISHER_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "tiny-base"
+    tiny_llama(seed=0, vocab=len(tokenizer)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    recipe = FactsRecipe(base_model=str(base), n_people=10, forget_percent=25, holdout_fraction=0.2, epochs=1,
+                         batch_size=16, learning_rate=1e-3)
+    folders = make_reference_models(recipe)
+    assert set(folders) == {"target", "retain"}
+    marker = json.loads((folders["retain"] / "hf_fisher_recipe.json").read_text())
+    assert marker["trained_on"] == "retain75" and marker["rows"] == 60
+    trained = {name: AutoModelForCausalLM.from_pretrained(folder) for name, folder in folders.items()}
+    base_model = AutoModelForCausalLM.from_pretrained(base)
+    for model in trained.values():  # both moved away from the base, to different weights
+        assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, base_model.model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(trained["target"].lm_head.weight, trained["retain"].lm_head.weight)
+    stamp = (folders["target"] / "model.safetensors").stat().st_mtime_ns
+    assert make_reference_models(recipe) == folders  # cached: nothing retrained
+    assert (folders["target"] / "model.safetensors").stat().st_mtime_ns == stamp
+    # every field is part of the cache key
+    assert reference_model_dir(FactsRecipe(**{**recipe.__dict__, "seed": 1})) != reference_model_dir(recipe)
+    assert reference_model_dir(FactsRecipe(**recipe.__dict__)) == folders["target"].parent
