@@ -14,6 +14,7 @@ from hf_fisher.evaluation import evaluate_unlearning  # noqa: E402
 from hf_fisher.lowrank import fisher_weights, weighted_low_rank  # noqa: E402
 from hf_fisher.models import load_default_model, load_model  # noqa: E402
 from hf_fisher.trainers import UnlearningArguments, UnlearningTrainer  # noqa: E402
+from hf_fisher.trainers.unlearning import KFADEArguments, KFADETrainer, apply_unlearning_update  # noqa: E402
 from hf_fisher.tuners.fwsvd import (  # noqa: E402
     initialize_lora_fwsvd,
     load_fwsvd_for_training,
@@ -23,9 +24,12 @@ from hf_fisher.tuners.fwsvd import (  # noqa: E402
 __all__ = [
     "DiagonalFisher",
     "KFACFactors",
+    "KFADEArguments",
+    "KFADETrainer",
     "UnlearningArguments",
     "UnlearningTrainer",
     "__version__",
+    "apply_unlearning_update",
     "build_fictitious_facts",
     "compress_fwsvd",
     "estimate_diagonal_fisher",

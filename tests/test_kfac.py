@@ -234,3 +234,13 @@ def test_blocked_gram_accumulation_equals_full_products(width, with_bias):
     accumulate_gram(buffer, y, with_bias, alpha=-1.0)
     got = mirror_upper_blocks(buffer, with_bias)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_estimate_under_no_grad_equals_estimate(llama, batches):
+    """Callers inside torch.no_grad() (an optimizer step) still get the real curvature, not silent zeros."""
+    reference = estimate_kfac(llama, batches, kind="sampled", target_modules=["down_proj"], seed=3)
+    with torch.no_grad():
+        inside = estimate_kfac(llama, batches, kind="sampled", target_modules=["down_proj"], seed=3)
+    for name in reference:
+        torch.testing.assert_close(inside[name].G, reference[name].G)
+        assert float(inside[name].G.abs().max()) > 0

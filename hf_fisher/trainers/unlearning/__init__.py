@@ -1,6 +1,14 @@
 """LLM unlearning: forget/retain data pairing, the standard objectives and :class:`UnlearningTrainer`."""
 
 from hf_fisher.trainers.unlearning.data import ForgetRetainCollator, ForgetRetainDataset
+from hf_fisher.trainers.unlearning.kfade import (
+    KFADEArguments,
+    KFADEOptimizer,
+    KFADETrainer,
+    apply_unlearning_update,
+    load_unlearning_update,
+    save_unlearning_update,
+)
 from hf_fisher.trainers.unlearning.losses import (
     NPO,
     UNLEARNING_LOSSES,
@@ -13,6 +21,9 @@ from hf_fisher.trainers.unlearning.losses import (
 from hf_fisher.trainers.unlearning.trainer import UnlearningArguments, UnlearningTrainer
 
 __all__ = [
+    "KFADEArguments",
+    "KFADEOptimizer",
+    "KFADETrainer",
     "NPO",
     "UNLEARNING_LOSSES",
     "ForgetRetainCollator",
@@ -23,5 +34,8 @@ __all__ = [
     "UnlearningArguments",
     "UnlearningLoss",
     "UnlearningTrainer",
+    "apply_unlearning_update",
     "build_unlearning_loss",
+    "load_unlearning_update",
+    "save_unlearning_update",
 ]
