@@ -14,7 +14,12 @@ from hf_fisher.evaluation import evaluate_unlearning  # noqa: E402
 from hf_fisher.lowrank import fisher_weights, weighted_low_rank  # noqa: E402
 from hf_fisher.models import load_default_model, load_model  # noqa: E402
 from hf_fisher.trainers import UnlearningArguments, UnlearningTrainer  # noqa: E402
-from hf_fisher.trainers.unlearning import KFADEArguments, KFADETrainer, apply_unlearning_update  # noqa: E402
+from hf_fisher.trainers.unlearning import (  # noqa: E402
+    KFADEArguments,
+    KFADETrainer,
+    apply_unlearning_update,
+    selective_synaptic_dampening,
+)
 from hf_fisher.tuners.fwsvd import (  # noqa: E402
     initialize_lora_fwsvd,
     load_fwsvd_for_training,
@@ -42,5 +47,6 @@ __all__ = [
     "load_fwsvd_for_training",
     "load_model",
     "save_fwsvd_adapter",
+    "selective_synaptic_dampening",
     "weighted_low_rank",
 ]

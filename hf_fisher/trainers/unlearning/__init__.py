@@ -18,6 +18,7 @@ from hf_fisher.trainers.unlearning.losses import (
     UnlearningLoss,
     build_unlearning_loss,
 )
+from hf_fisher.trainers.unlearning.ssd import selective_synaptic_dampening
 from hf_fisher.trainers.unlearning.trainer import UnlearningArguments, UnlearningTrainer
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "build_unlearning_loss",
     "load_unlearning_update",
     "save_unlearning_update",
+    "selective_synaptic_dampening",
 ]
