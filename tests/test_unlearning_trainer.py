@@ -119,14 +119,14 @@ def test_data_errors_name_the_problem():
 
 
 def _train(tmp_path, *, batch: int, accumulation: int, max_steps: int, loss: str = "npo", resume=None,
-           save_steps: int | None = None, model=None):
+           save_steps: int | None = None, model=None, projection: str = "none"):
     model = tiny_llama(seed=0) if model is None else model
     args = UnlearningArguments(
         output_dir=str(tmp_path), unlearning_loss=loss, per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation, max_steps=max_steps, optim="sgd", learning_rate=0.5,
         weight_decay=0.0, lr_scheduler_type="constant", use_cpu=True, report_to="none", logging_steps=1,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, seed=3,
-        dataloader_drop_last=False,
+        dataloader_drop_last=False, projection=projection,
     )
     trainer = UnlearningTrainer(model, args, forget_dataset=qa_rows(4, seed=1), retain_dataset=qa_rows(6, seed=2))
     trainer.train(resume_from_checkpoint=resume)
@@ -185,7 +185,9 @@ def test_gradient_ascent_raises_forget_nll(tmp_path):
 def test_two_processes_match_one(tmp_path):
     out = launch_two_processes(str(ROOT / "tests" / "scripts" / "distributed_unlearning.py"), str(tmp_path / "ddp"))
     assert "world_size=2" in out
-    single = _train(tmp_path / "single", batch=4, accumulation=1, max_steps=2, loss="npo").model
-    state = torch.load(tmp_path / "ddp" / "weights.pt")
-    for name, p in single.named_parameters():
-        torch.testing.assert_close(state[name], p.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    for projection, file in (("none", "weights.pt"), ("gu", "weights_gu.pt")):
+        single = _train(tmp_path / f"single-{projection}", batch=4, accumulation=1, max_steps=2, loss="npo",
+                        projection=projection).model
+        state = torch.load(tmp_path / "ddp" / file)
+        for name, p in single.named_parameters():
+            torch.testing.assert_close(state[name], p.detach(), rtol=1e-5, atol=1e-6, msg=f"{projection} {name}")

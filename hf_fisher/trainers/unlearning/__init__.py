@@ -1,6 +1,7 @@
 """LLM unlearning: forget/retain data pairing, the standard objectives and :class:`UnlearningTrainer`."""
 
 from hf_fisher.trainers.unlearning.data import ForgetRetainCollator, ForgetRetainDataset
+from hf_fisher.trainers.unlearning.gu import GUProjector, project_update
 from hf_fisher.trainers.unlearning.kfade import (
     KFADEArguments,
     KFADEOptimizer,
@@ -29,6 +30,7 @@ __all__ = [
     "UNLEARNING_LOSSES",
     "ForgetRetainCollator",
     "ForgetRetainDataset",
+    "GUProjector",
     "GradAscent",
     "GradDiff",
     "SimNPO",
@@ -38,6 +40,7 @@ __all__ = [
     "apply_unlearning_update",
     "build_unlearning_loss",
     "load_unlearning_update",
+    "project_update",
     "save_unlearning_update",
     "selective_synaptic_dampening",
 ]

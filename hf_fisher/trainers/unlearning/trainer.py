@@ -13,21 +13,27 @@ deep copy of the model taken before training starts.
 from __future__ import annotations
 
 import copy
+import functools
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from hf_fisher.trainers.unlearning.data import ForgetRetainCollator, ForgetRetainDataset
+from hf_fisher.trainers.unlearning.gu import GUProjector
 from hf_fisher.trainers.unlearning.losses import (
     RETAIN_LOSSES,
     UNLEARNING_LOSSES,
     UnlearningLoss,
     build_unlearning_loss,
     forward_logits,
+    sequence_kl,
+    sequence_nll,
 )
 
 
@@ -54,6 +60,14 @@ class UnlearningArguments(TrainingArguments):
     npo_beta: float = field(default=0.1, metadata={"help": "β of NPO."})
     simnpo_beta: float = field(default=4.5, metadata={"help": "β of SimNPO."})
     simnpo_delta: float = field(default=0.0, metadata={"help": "δ (margin) of SimNPO."})
+    projection: str = field(
+        default="none",
+        metadata={"help": "Update projection: 'none', or 'gu' (remove the component along recent retain gradients)."},
+    )
+    gu_history_size: int = field(default=8, metadata={"help": "GU: retain gradients kept per parameter tensor."})
+    gu_retain_loss: str = field(
+        default="nll", metadata={"help": "GU: retain gradient of 'nll' or of 'kl' (to the reference model)."}
+    )
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate (open-unlearning: 1e-5)."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (open-unlearning: 0.01)."})
     remove_unused_columns: bool = field(
@@ -67,6 +81,12 @@ class UnlearningArguments(TrainingArguments):
             )
         if self.retain_loss not in RETAIN_LOSSES:
             raise ValueError(f"retain_loss must be one of {RETAIN_LOSSES}, got {self.retain_loss!r}")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
+        if self.gu_retain_loss not in RETAIN_LOSSES:
+            raise ValueError(f"gu_retain_loss must be one of {RETAIN_LOSSES}, got {self.gu_retain_loss!r}")
+        if self.gu_history_size < 1:
+            raise ValueError(f"gu_history_size must be >= 1, got {self.gu_history_size}")
         super().__post_init__()
 
     def build_loss(self) -> UnlearningLoss:
@@ -80,6 +100,10 @@ class UnlearningArguments(TrainingArguments):
             beta=beta,
             delta=self.simnpo_delta,
         )
+
+
+PROJECTIONS = ("none", "gu")
+GU_HISTORY_FILE = "gu_history.safetensors"
 
 
 def _is_peft_model(model: nn.Module) -> bool:
@@ -129,6 +153,7 @@ class UnlearningTrainer(Trainer):
                 raise TypeError("pass UnlearningArguments, or TrainingArguments together with unlearning_loss=...")
             unlearning_loss = args.build_loss()
         self.unlearning_loss = unlearning_loss
+        projection = getattr(args, "projection", "none")
         if train_dataset is None:
             if retain_dataset is None and unlearning_loss.uses_retain and unlearning_loss.retain_weight != 0:
                 raise ValueError(
@@ -137,6 +162,8 @@ class UnlearningTrainer(Trainer):
             train_dataset = ForgetRetainDataset(forget_dataset, retain_dataset, seed=args.seed)
         elif forget_dataset is not None or retain_dataset is not None:
             raise ValueError("pass either train_dataset or forget_dataset/retain_dataset, not both")
+        if projection == "gu" and getattr(train_dataset, "retain", None) is None:
+            raise ValueError("projection='gu' projects updates against retain gradients; pass retain_dataset")
         if data_collator is None:
             pad = _pad_token_id(model, processing_class)
             if pad is None:
@@ -145,7 +172,9 @@ class UnlearningTrainer(Trainer):
 
         self._reference_model: nn.Module | None = None
         self._reference_is_disabled_adapter = False
-        if unlearning_loss.needs_reference:
+        self.gu: GUProjector | None = None
+        self._gu_kl = projection == "gu" and args.gu_retain_loss == "kl"
+        if unlearning_loss.needs_reference or self._gu_kl:
             if reference_model is not None:
                 self._reference_model = reference_model
             elif _is_peft_model(model):
@@ -181,6 +210,49 @@ class UnlearningTrainer(Trainer):
                 return forward_logits(model, batch)
         finally:
             model.train(was_training)
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with the GU projection hooked onto its step when ``projection='gu'``."""
+        optimizer = super().create_optimizer(model)
+        if getattr(self.args, "projection", "none") == "gu" and self.gu is None:
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            self.gu = GUProjector(named, self.args.gu_history_size)
+            reduce = None
+            if self.args.world_size > 1:
+                reduce = functools.partial(self.accelerator.reduce, reduction="mean")
+            self.gu.attach(optimizer, reduce)
+        return optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """With GU, first records the retain gradient of this micro-batch (a separate backward, no DDP sync)."""
+        if self.gu is not None:
+            inputs = self._prepare_inputs(inputs)
+            retain = inputs["retain"]
+            names = list(self.gu.params)
+            params = [self.gu.params[n] for n in names]
+            self.model.train()
+            with torch.enable_grad():
+                logits = forward_logits(self.model, retain)
+                if self._gu_kl:
+                    loss = sequence_kl(logits, self.reference_logits(retain), retain["labels"]).mean()
+                else:
+                    loss = sequence_nll(logits, retain["labels"]).mean()
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            self.gu.add_retain_gradient(
+                {n: torch.zeros_like(p) if g is None else g for n, p, g in zip(names, params, grads, strict=True)})
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Checkpoints also hold the GU retain-gradient history, so that a resumed run projects identically."""
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.gu is not None and self.args.should_save:
+            save_file(self.gu.state_dict(), str(Path(output_dir) / GU_HISTORY_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.gu is not None and (Path(checkpoint) / GU_HISTORY_FILE).is_file():
+            tensors = load_file(str(Path(checkpoint) / GU_HISTORY_FILE), device=str(self.args.device))
+            self.gu.load_state_dict(tensors)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The unlearning objective on one forget/retain batch (a mean over sequences; see the losses module)."""
