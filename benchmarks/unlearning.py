@@ -3,7 +3,9 @@
 1. The two reference models of one recipe (:mod:`hf_fisher.trainers.unlearning.recipe`): the target, fine-tuned
    on every trainable person, and the retain model, fine-tuned on the retain people only (cached on disk).
 2. GradAscent, GradDiff, NPO and SimNPO (open-unlearning's defaults: lr 1e-5, AdamW, weight decay 0.01, effective
-   batch 32, 10 epochs over the forget set) from the target, on the forget split, for several seeds.
+   batch 32, 10 epochs over the forget set) from the target, on the forget split, for several seeds; the Fisher
+   methods: K-FADE (K-FAC and EK-FAC retain curvature, a few KL-budgeted steps), GradDiff / NPO / SimNPO with the GU
+   projection, and SSD (retrain-free).
 3. ``evaluate_unlearning`` of every model against the retain model (forget quality, model utility, truth ratio,
    probability, ROUGE-L, extraction strength, MIA / PrivLeak, retain KL to the target); the relearning and the
    NF4 / FP4 / int8 quantization attacks on the first seed of each method (and on the target and retain models).
@@ -28,33 +30,64 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+from hf_fisher.curvature import estimate_diagonal_fisher  # noqa: E402
+from hf_fisher.data.facts import pad_collate  # noqa: E402
 from hf_fisher.evaluation.unlearning import (  # noqa: E402
     SUMMARY_COLUMNS,
     attack_table,
     evaluate_unlearning,
     plot_forget_quality_vs_utility,
 )
-from hf_fisher.trainers.unlearning import UnlearningArguments, UnlearningTrainer  # noqa: E402
+from hf_fisher.trainers.unlearning import (  # noqa: E402
+    KFADEArguments,
+    KFADETrainer,
+    UnlearningArguments,
+    UnlearningTrainer,
+    selective_synaptic_dampening,
+)
 from hf_fisher.trainers.unlearning.recipe import FactsRecipe, make_reference_models  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ("grad_ascent", "grad_diff", "npo", "simnpo")
+BASELINES = ("grad_ascent", "grad_diff", "npo", "simnpo")
+FISHER_METHODS = ("kfade", "kfade_ekfac", "grad_diff+gu", "npo+gu", "simnpo+gu", "ssd")
 
 
-def unlearn(method: str, target_dir: Path, data, recipe: FactsRecipe, seed: int, epochs: float) -> tuple:
+def unlearn(method: str, target_dir: Path, data, recipe: FactsRecipe, seed: int, cli) -> tuple:
+    """Unlearn the forget split from a fresh copy of the target; returns (model, seconds, optimizer steps)."""
     model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32)
+    forget, retain = data[recipe.forget_split], data[recipe.retain_split]
+    start = time.perf_counter()
+    if method == "ssd":
+        fishers = [estimate_diagonal_fisher(model, loader_of(split, cli.batch_size), kind="empirical",
+                                            reduction="batch") for split in (forget, retain)]
+        selective_synaptic_dampening(model, fishers[0], fishers[1], alpha=cli.ssd_alpha, lam=cli.ssd_lam)
+        return model.eval(), time.perf_counter() - start, 0
     with tempfile.TemporaryDirectory(prefix="hf_fisher_unlearn_") as scratch:
-        args = UnlearningArguments(
-            output_dir=scratch, unlearning_loss=method, per_device_train_batch_size=8, gradient_accumulation_steps=4,
-            num_train_epochs=epochs, learning_rate=1e-5, weight_decay=0.01, warmup_steps=0.1 if epochs >= 1 else 0,
-            seed=seed, save_strategy="no", report_to="none", logging_steps=1, use_cpu=True, disable_tqdm=True,
-        )
-        trainer = UnlearningTrainer(model, args, forget_dataset=data[recipe.forget_split],
-                                    retain_dataset=data[recipe.retain_split])
-        start = time.perf_counter()
+        common = dict(output_dir=scratch, seed=seed, save_strategy="no", report_to="none", logging_steps=1,
+                      use_cpu=True, disable_tqdm=True)
+        if method.startswith("kfade"):
+            # one step = the whole forget set (batch × accumulation ≥ forget rows)
+            accumulation = math.ceil(len(forget) / cli.batch_size)
+            args = KFADEArguments(**common, per_device_train_batch_size=cli.batch_size,
+                                  gradient_accumulation_steps=accumulation, max_steps=cli.kfade_steps,
+                                  kfade_epsilon=cli.kfade_epsilon,
+                                  kfade_curvature="ekfac" if method == "kfade_ekfac" else "kfac")
+            trainer = KFADETrainer(model, args, forget_dataset=forget, retain_dataset=retain)
+        else:
+            loss, _, projection = method.partition("+")
+            args = UnlearningArguments(
+                **common, unlearning_loss=loss, projection=projection or "none", per_device_train_batch_size=8,
+                gradient_accumulation_steps=4, num_train_epochs=cli.epochs, learning_rate=1e-5, weight_decay=0.01,
+                warmup_steps=0.1)
+            trainer = UnlearningTrainer(model, args, forget_dataset=forget, retain_dataset=retain)
         trainer.train()
-        seconds = time.perf_counter() - start
-    return model.eval(), seconds, trainer.state.global_step
+        steps = trainer.state.global_step
+    return model.eval(), time.perf_counter() - start, steps
+
+
+def loader_of(split, batch_size: int) -> list:
+    rows = [{k: split[i][k] for k in ("input_ids", "attention_mask", "labels")} for i in range(len(split))]
+    return [pad_collate(rows[i : i + batch_size], 0) for i in range(0, len(rows), batch_size)]
 
 
 def strip(result: dict) -> dict:
@@ -86,20 +119,28 @@ def table(rows: dict[str, list[dict]], walls: dict[str, list[float]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n_people", type=int, default=100)
+    parser.add_argument("--base_model", default="default", help="base model id/path (a tiny one for a smoke run)")
     parser.add_argument("--recipe_epochs", type=float, default=5.0)
     parser.add_argument("--recipe_lr", type=float, default=1e-4)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=float, default=10.0, help="unlearning epochs over the forget set")
-    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=list(BASELINES + FISHER_METHODS))
+    parser.add_argument("--batch_size", type=int, default=16, help="K-FADE / SSD batch size")
+    parser.add_argument("--kfade_steps", type=int, default=5)
+    parser.add_argument("--kfade_epsilon", type=float, default=0.05, help="retain KL budget per step and token")
+    parser.add_argument("--ssd_alpha", type=float, default=10.0)
+    parser.add_argument("--ssd_lam", type=float, default=1.0)
     parser.add_argument("--max_retain_rows", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--name", default="unlearning", help="stem of the result files (<name>.md/.png/.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    recipe = FactsRecipe(n_people=args.n_people, epochs=args.recipe_epochs, learning_rate=args.recipe_lr)
+    recipe = FactsRecipe(base_model=args.base_model, n_people=args.n_people, epochs=args.recipe_epochs,
+                         learning_rate=args.recipe_lr)
     t0 = time.perf_counter()
     folders = make_reference_models(recipe)
     recipe_seconds = time.perf_counter() - t0
@@ -123,8 +164,8 @@ def main() -> None:
     steps: dict[str, int] = {}
     print(table(rows, walls), flush=True)
     for method in args.methods:
-        for seed in range(args.seeds):
-            model, seconds, n_steps = unlearn(method, folders["target"], data, recipe, seed, args.epochs)
+        for seed in range(1 if method == "ssd" else args.seeds):  # SSD is deterministic
+            model, seconds, n_steps = unlearn(method, folders["target"], data, recipe, seed, args)
             attacks = ("relearning", "quantization") if seed == 0 else ()
             result = evaluate_unlearning(model, data, tokenizer, retain_model=retain_reference, original_model=target,
                                          attacks=attacks, name=f"{method}-seed{seed}", seed=seed, **common)
@@ -141,8 +182,8 @@ def main() -> None:
 def write(out: Path, args, recipe, folders, recipe_seconds, rows, walls, steps) -> None:
     first = {name: results[0] for name, results in rows.items()}
     plot_forget_quality_vs_utility(
-        {f"{name}-{i}": r for name, results in rows.items() for i, r in enumerate(results)}, out / "unlearning.png")
-    (out / "unlearning.json").write_text(json.dumps(
+        {f"{name}-{i}": r for name, results in rows.items() for i, r in enumerate(results)}, out / f"{args.name}.png")
+    (out / f"{args.name}.json").write_text(json.dumps(
         {name: [strip(r) for r in results] for name, results in rows.items()}, indent=1, default=str))
     text = f"""# Unlearning benchmark (ground truth: baselines on the fictitious-facts data)
 
@@ -154,6 +195,10 @@ batch {recipe.batch_size} — target on all trainable people, retain on the reta
 ({recipe_seconds:.0f} s to make or load both). Unlearning: open-unlearning defaults (lr 1e-5, AdamW, weight decay
 0.01, effective batch 32 = 8 x 4 accumulation, {args.epochs:g} epochs over the forget set = {max(steps.values(),
 default=0)} steps), {args.seeds} seed(s) each; retain term = retain NLL (GradDiff, NPO: α = 1; SimNPO: γ = 0.125).
+"+gu": the same with the GU projection (history 8, retain-NLL gradients, Adam metric). K-FADE: {args.kfade_steps}
+steps over the whole forget set, ε = {args.kfade_epsilon:g} nats per retain answer token and step, damping 0.1 × mean
+eigenvalue, backtracking on a 16-row retain probe (wall time includes the curvature pass). SSD: empirical
+batch-reduced diagonal Fishers of forget and retain sets, α = {args.ssd_alpha:g}, λ = {args.ssd_lam:g} (one run).
 Machine: 2 CPU cores, torch threads {args.threads}; shared with other jobs while it ran, so times are indicative.
 
 FQ = forget quality (KS p-value vs the retain model, higher is better, 1 = retain model); MU = model utility
@@ -171,9 +216,9 @@ Recovery = (m_attacked − m_unlearned) / (m_target − m_unlearned) on the forg
 
 {attack_table(first)}
 
-![forget quality vs model utility](unlearning.png)
+![forget quality vs model utility]({args.name}.png)
 """
-    (out / "unlearning.md").write_text(text)
+    (out / f"{args.name}.md").write_text(text)
 
 
 if __name__ == "__main__":
