@@ -185,9 +185,10 @@ def write(out: Path, args, recipe, folders, recipe_seconds, rows, walls, steps) 
         {f"{name}-{i}": r for name, results in rows.items() for i, r in enumerate(results)}, out / f"{args.name}.png")
     (out / f"{args.name}.json").write_text(json.dumps(
         {name: [strip(r) for r in results] for name, results in rows.items()}, indent=1, default=str))
-    text = f"""# Unlearning benchmark (ground truth: baselines on the fictitious-facts data)
+    model_name = "SmolLM2-135M-Instruct (the default model)" if recipe.base_model == "default" else recipe.base_model
+    text = f"""# Unlearning benchmark on the fictitious-facts data
 
-Default model SmolLM2-135M-Instruct; data `build_fictitious_facts(n_people={recipe.n_people})`: forget split
+Base model {model_name}; data `build_fictitious_facts(n_people={recipe.n_people})`: forget split
 `{recipe.forget_split}` ({len(rows['target'][0]['splits']['forget']['per_row']['probability'])} questions),
 retain `{recipe.retain_split}` (first {args.max_retain_rows} scored), holdout people for MIA, world facts for
 utility. Reference models (one recipe, cached): full fine-tune, {recipe.epochs:g} epochs, lr {recipe.learning_rate:g},
