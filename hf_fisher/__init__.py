@@ -17,6 +17,7 @@ from hf_fisher.tuners.fwsvd import (  # noqa: E402
     load_fwsvd_for_training,
     save_fwsvd_adapter,
 )
+from hf_fisher.tuners.lqlora import nf_dequantize, nf_quantize  # noqa: E402
 
 __all__ = [
     "DiagonalFisher",
@@ -32,6 +33,8 @@ __all__ = [
     "load_default_model",
     "load_fwsvd_for_training",
     "load_model",
+    "nf_dequantize",
+    "nf_quantize",
     "save_fwsvd_adapter",
     "weighted_low_rank",
 ]

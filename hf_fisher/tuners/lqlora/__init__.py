@@ -1,0 +1,11 @@
+"""LQ-LoRA: each target weight W ≈ Q + L₁L₂ with Q NormalFloat-quantized (fixed) and L₁L₂ a trained LoRA.
+
+Parts: :mod:`.quantizer` (NF-k with double quantization and bit packing), :mod:`.decomposition`
+(alternating randomized SVD / quantization, optionally Fisher-weighted), :mod:`.allocation` (the integer
+program choosing one quantization config per matrix under a bit budget) and :mod:`.model` (the quantized
+base layer, PEFT integration, save and load).
+"""
+
+from hf_fisher.tuners.lqlora.quantizer import NFConfig, QuantizedTensor, nf_dequantize, nf_levels, nf_quantize
+
+__all__ = ["NFConfig", "QuantizedTensor", "nf_dequantize", "nf_levels", "nf_quantize"]
