@@ -17,7 +17,7 @@ from hf_fisher.tuners.fwsvd import (  # noqa: E402
     load_fwsvd_for_training,
     save_fwsvd_adapter,
 )
-from hf_fisher.tuners.lqlora import nf_dequantize, nf_quantize  # noqa: E402
+from hf_fisher.tuners.lqlora import nf_dequantize, nf_quantize, solve_bit_allocation  # noqa: E402
 
 __all__ = [
     "DiagonalFisher",
@@ -36,5 +36,6 @@ __all__ = [
     "nf_dequantize",
     "nf_quantize",
     "save_fwsvd_adapter",
+    "solve_bit_allocation",
     "weighted_low_rank",
 ]

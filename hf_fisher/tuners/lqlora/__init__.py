@@ -6,6 +6,12 @@ program choosing one quantization config per matrix under a bit budget) and :mod
 base layer, PEFT integration, save and load).
 """
 
+from hf_fisher.tuners.lqlora.allocation import BitAllocation, solve_bit_allocation
+from hf_fisher.tuners.lqlora.decomposition import LQDecomposition, lq_decompose
 from hf_fisher.tuners.lqlora.quantizer import NFConfig, QuantizedTensor, nf_dequantize, nf_levels, nf_quantize
 
-__all__ = ["NFConfig", "QuantizedTensor", "nf_dequantize", "nf_levels", "nf_quantize"]
+__all__ = [
+    "BitAllocation",
+    "LQDecomposition",
+    "lq_decompose",
+    "solve_bit_allocation","NFConfig", "QuantizedTensor", "nf_dequantize", "nf_levels", "nf_quantize"]
