@@ -17,25 +17,39 @@ from hf_fisher.tuners.fwsvd import (  # noqa: E402
     load_fwsvd_for_training,
     save_fwsvd_adapter,
 )
-from hf_fisher.tuners.lqlora import nf_dequantize, nf_quantize, solve_bit_allocation  # noqa: E402
+from hf_fisher.tuners.lqlora import (  # noqa: E402
+    LQLoraConfig,
+    export_dequantized,
+    load_lqlora_model,
+    nf_dequantize,
+    nf_quantize,
+    prepare_lqlora_model,
+    save_lqlora_model,
+    solve_bit_allocation,
+)
 
 __all__ = [
     "DiagonalFisher",
     "KFACFactors",
+    "LQLoraConfig",
     "__version__",
     "build_fictitious_facts",
     "compress_fwsvd",
     "estimate_diagonal_fisher",
     "estimate_kfac",
+    "export_dequantized",
     "fisher_weights",
     "initialize_lora_fwsvd",
     "load_compressed_model",
     "load_default_model",
     "load_fwsvd_for_training",
+    "load_lqlora_model",
     "load_model",
     "nf_dequantize",
     "nf_quantize",
+    "prepare_lqlora_model",
     "save_fwsvd_adapter",
+    "save_lqlora_model",
     "solve_bit_allocation",
     "weighted_low_rank",
 ]

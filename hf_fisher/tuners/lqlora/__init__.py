@@ -8,10 +8,28 @@ base layer, PEFT integration, save and load).
 
 from hf_fisher.tuners.lqlora.allocation import BitAllocation, solve_bit_allocation
 from hf_fisher.tuners.lqlora.decomposition import LQDecomposition, lq_decompose
+from hf_fisher.tuners.lqlora.model import (
+    LQLoraConfig,
+    NFQuantizedLinear,
+    build_error_table,
+    export_dequantized,
+    load_lqlora_model,
+    prepare_lqlora_model,
+    save_lqlora_model,
+    storage_report,
+)
 from hf_fisher.tuners.lqlora.quantizer import NFConfig, QuantizedTensor, nf_dequantize, nf_levels, nf_quantize
 
 __all__ = [
     "BitAllocation",
     "LQDecomposition",
+    "LQLoraConfig",
+    "NFQuantizedLinear",
+    "build_error_table",
+    "export_dequantized",
+    "load_lqlora_model",
+    "prepare_lqlora_model",
+    "save_lqlora_model",
+    "storage_report",
     "lq_decompose",
     "solve_bit_allocation","NFConfig", "QuantizedTensor", "nf_dequantize", "nf_levels", "nf_quantize"]
