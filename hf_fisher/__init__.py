@@ -19,6 +19,7 @@ from hf_fisher.tuners.fwsvd import (  # noqa: E402
 )
 from hf_fisher.tuners.lqlora import (  # noqa: E402
     LQLoraConfig,
+    export_bitsandbytes,
     export_dequantized,
     load_lqlora_model,
     nf_dequantize,
@@ -37,6 +38,7 @@ __all__ = [
     "compress_fwsvd",
     "estimate_diagonal_fisher",
     "estimate_kfac",
+    "export_bitsandbytes",
     "export_dequantized",
     "fisher_weights",
     "initialize_lora_fwsvd",

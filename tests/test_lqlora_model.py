@@ -241,3 +241,47 @@ def test_save_load_in_a_fresh_process_and_dequantized_export(tmp_path):
 def test_load_rejects_other_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a folder written by save_lqlora_model"):
         load_lqlora_model(tmp_path)
+
+
+BNB_SCRIPT = """
+import sys, torch
+import bitsandbytes as bnb
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in base.modules())
+model = PeftModel.from_pretrained(base, sys.argv[1] + "/adapter").eval()
+x = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(model(x).logits, sys.argv[3])
+assert "hf_fisher" not in sys.modules
+print("linear4bit", n4)
+"""
+
+
+def test_bitsandbytes_export_loads_in_vanilla_transformers(tmp_path):
+    from hf_fisher import export_bitsandbytes
+
+    config = _config(quant_grid=[NFConfig(4, 64, 8, 16).to_dict()])
+    peft_model = prepare_lqlora_model(tiny_llama(), config, progress=False).eval()
+    x = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        want = peft_model(x).logits
+    export_bitsandbytes(peft_model, tmp_path / "bnb")
+    out = _run(BNB_SCRIPT, str(tmp_path / "bnb"), str(tmp_path / "x.pt"), str(tmp_path / "y.pt"))
+    assert "linear4bit 8" in out  # exactly the 8 LQ-LoRA targets are 4-bit; k_proj, o_proj, ... stay fp32
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), want, atol=1e-4, rtol=1e-4)
+    # Bitsandbytes reproduces Q: every block has a ±1 code, so its fp32 absmax is our block scale exactly, and the
+    # values agree to float rounding (its NF4 table and ours differ in the last bit).
+    import bitsandbytes.functional as bnbf
+
+    for name, layer in quantized_layers(peft_model).items():
+        q = layer.dequantized_weight()
+        packed, state = bnbf.quantize_4bit(q, blocksize=64, compress_statistics=False, quant_type="nf4")
+        blocks = q.reshape(-1, 64).abs().amax(1)
+        torch.testing.assert_close(state.absmax, blocks, atol=0, rtol=0, msg=name)
+        torch.testing.assert_close(bnbf.dequantize_4bit(packed, state), q, atol=1e-8, rtol=1e-6, msg=name)
+    mixed = prepare_lqlora_model(tiny_llama(), _config(), progress=False)
+    with pytest.raises(ValueError, match="NF4 with blocks of 64"):
+        export_bitsandbytes(mixed, tmp_path / "nope")

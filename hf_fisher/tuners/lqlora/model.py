@@ -544,3 +544,52 @@ def export_dequantized(
     data["base_model_name_or_path"] = str(out)
     config_path.write_text(json.dumps(data, indent=2))
     return out, adapter_dir
+
+
+def export_bitsandbytes(peft_model, save_directory: str | os.PathLike, *, double_quant: bool = False) -> Path:
+    """Export an all-NF4 LQ-LoRA model as a bitsandbytes 4-bit transformers model plus a plain LoRA adapter.
+
+    Needs every quantized layer on bitsandbytes' NF4 grid with blocks of 64 (``NFConfig(bits=4, block_size=64)``).
+    Each block of ``Q`` holds a ±1 code, so bitsandbytes re-quantizing ``Q`` (fp32 absmax, ``double_quant=False``,
+    4.5 bits/parameter) recovers ``Q`` exactly; ``double_quant=True`` (≈4.127 bits) re-quantizes the block scales
+    with bitsandbytes' own 8-bit code, a small change to ``Q``. Vanilla users load it with
+    ``AutoModelForCausalLM.from_pretrained(dir)`` and ``PeftModel.from_pretrained(model, dir + "/adapter")``.
+    On CPUs with AVX512-BF16, set ``support_avx512bf16_for_cpu = False`` on each ``Linear4bit`` before training
+    after an eval pass (bitsandbytes repacks the weight and later gradients are wrong).
+    """
+    import shutil
+
+    import transformers
+    from transformers import BitsAndBytesConfig
+
+    layers = quantized_layers(peft_model)
+    wrong = [n for n, m in layers.items() if m.quant_config.bits != 4 or m.quant_config.block_size != 64]
+    if not layers or wrong:
+        raise ValueError(
+            "export_bitsandbytes needs every quantized layer in NF4 with blocks of 64 (bitsandbytes' format); "
+            f"these are not: {wrong[:5]}{' ...' if len(wrong) > 5 else ''}. Use a quant_grid of "
+            "[NFConfig(4, 64, ...)] for this export, or export_dequantized for mixed-bit models."
+        )
+    out = Path(save_directory)
+    base = peft_model.get_base_model()
+    skip = [
+        name for name, module in base.named_modules()
+        if isinstance(module, nn.Linear) and name not in layers and ".lora_" not in name
+    ]
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as staging:
+        _, adapter_dir = export_dequantized(peft_model, staging, dtype=torch.float32)
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip or None,
+        )
+        model_cls = getattr(transformers, type(base).__name__)
+        quantized = model_cls.from_pretrained(staging, quantization_config=quantization, dtype=torch.float32)
+        out.mkdir(parents=True, exist_ok=True)
+        quantized.save_pretrained(str(out))
+        shutil.rmtree(out / "adapter", ignore_errors=True)
+        shutil.copytree(adapter_dir, out / "adapter")
+        config_path = out / "adapter" / "adapter_config.json"
+        data = json.loads(config_path.read_text())
+        data["base_model_name_or_path"] = str(out)
+        config_path.write_text(json.dumps(data, indent=2))
+    return out
