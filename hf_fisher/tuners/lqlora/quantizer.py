@@ -264,7 +264,24 @@ def nf_dequantize(quantized: QuantizedTensor, dtype: torch.dtype = torch.float32
     n_blocks = math.ceil(numel / config.block_size)
     scale_codes = unpack_codes(quantized.scale_codes, config.scale_bits, n_blocks)
     scales = _dequantized_scales(scale_codes, quantized.group_scales, quantized.offset, config, n_blocks)
-    codes = unpack_codes(quantized.codes, config.bits, n_blocks * config.block_size)
-    levels = nf_levels(config.bits).to(quantized.codes.device)
-    values = levels[codes].view(n_blocks, config.block_size) * scales[:, None]
+    n_codes = n_blocks * config.block_size
+    values = _level_values(quantized.codes, config.bits, n_codes).view(n_blocks, config.block_size)
+    values = values * scales[:, None]
     return values.reshape(-1)[:numel].view(quantized.shape).to(dtype)
+
+
+@functools.cache
+def _byte_table(bits: int, device: torch.device) -> torch.Tensor:
+    """(256, 8 / bits) level values of the codes packed in each possible byte (bits 2, 4 and 8)."""
+    per = 8 // bits
+    byte = torch.arange(256, dtype=torch.int64)
+    codes = torch.stack([(byte >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], dim=1)
+    return nf_levels(bits)[codes].to(device)
+
+
+def _level_values(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
+    """Level values of the first ``n_codes`` packed codes; one table lookup per byte where codes align to bytes."""
+    if bits in (2, 4, 8):
+        return _byte_table(bits, packed.device)[packed.to(torch.int32)].reshape(-1)[:n_codes]
+    levels = nf_levels(bits).to(packed.device)
+    return levels[unpack_codes(packed, bits, n_codes)]
