@@ -285,3 +285,31 @@ def test_bitsandbytes_export_loads_in_vanilla_transformers(tmp_path):
     mixed = prepare_lqlora_model(tiny_llama(), _config(), progress=False)
     with pytest.raises(ValueError, match="NF4 with blocks of 64"):
         export_bitsandbytes(mixed, tmp_path / "nope")
+
+
+def test_trains_with_transformers_trainer(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    peft_model = prepare_lqlora_model(tiny_llama(), _config(), progress=False)
+    buffers = {n: b.clone() for n, b in peft_model.named_buffers()}
+    lora = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    rows = make_batches(8, 8, 10, 96, seed=4)[0]
+    data = Dataset.from_dict({k: v.tolist() for k, v in rows.items()})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                             use_cpu=True, report_to=[], save_strategy="no", logging_steps=1)
+    Trainer(model=peft_model, args=args, train_dataset=data).train()
+    assert all(torch.equal(b, buffers[n]) for n, b in peft_model.named_buffers())  # Q is frozen
+    changed = [n for n, p in peft_model.named_parameters() if p.requires_grad and not torch.equal(p, lora[n])]
+    assert len(changed) == len(lora)
+
+
+def test_bf16_model():
+    model = tiny_llama().to(torch.bfloat16)
+    peft_model = prepare_lqlora_model(model, _config(), progress=False)
+    layer = next(iter(quantized_layers(peft_model).values()))
+    assert layer.compute_dtype == torch.bfloat16
+    x = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    out = peft_model(x, labels=x)
+    assert torch.isfinite(out.loss) and out.logits.dtype == torch.bfloat16
+    out.loss.backward()
