@@ -282,6 +282,29 @@ def test_bitsandbytes_export_loads_in_vanilla_transformers(tmp_path):
         blocks = q.reshape(-1, 64).abs().amax(1)
         torch.testing.assert_close(state.absmax, blocks, atol=0, rtol=0, msg=name)
         torch.testing.assert_close(bnbf.dequantize_4bit(packed, state), q, atol=1e-8, rtol=1e-6, msg=name)
+    # Gradients through the exported 4-bit model after an eval-mode no-grad pass (the AVX512-BF16 repacking trap),
+    # with the guard on, match those through the LQ-LoRA layers (same Q to float rounding).
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hf_fisher.tuners.lqlora import guard_bitsandbytes_cpu
+
+    bnb_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tmp_path / "bnb")),
+                                          str(tmp_path / "bnb" / "adapter"), is_trainable=True)
+    assert guard_bitsandbytes_cpu(bnb_model) == 8
+    batch = make_batches(4, 4, 10, 96, seed=5)[0]
+    for m in (bnb_model, peft_model):
+        m.eval()
+        with torch.no_grad():
+            m(**batch)
+        m.train()
+        m(**batch).loss.backward()
+    got = {n: p.grad for n, p in bnb_model.named_parameters() if p.requires_grad}
+    want = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert got.keys() == want.keys()
+    for n in got:
+        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-3)
+
     mixed = prepare_lqlora_model(tiny_llama(), _config(), progress=False)
     with pytest.raises(ValueError, match="NF4 with blocks of 64"):
         export_bitsandbytes(mixed, tmp_path / "nope")

@@ -546,6 +546,22 @@ def export_dequantized(
     return out, adapter_dir
 
 
+def guard_bitsandbytes_cpu(model: nn.Module) -> int:
+    """Keep bitsandbytes' portable CPU kernel on every ``Linear4bit`` of ``model``; returns how many were set.
+
+    On AVX512-BF16 CPUs an eval-mode no-grad forward makes ``Linear4bit`` repack its weight, after which gradients
+    through it are silently wrong. Call this before training a bitsandbytes 4-bit model on CPU.
+    """
+    import bitsandbytes as bnb
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
 def export_bitsandbytes(peft_model, save_directory: str | os.PathLike, *, double_quant: bool = False) -> Path:
     """Export an all-NF4 LQ-LoRA model as a bitsandbytes 4-bit transformers model plus a plain LoRA adapter.
 
@@ -554,8 +570,7 @@ def export_bitsandbytes(peft_model, save_directory: str | os.PathLike, *, double
     4.5 bits/parameter) recovers ``Q`` exactly; ``double_quant=True`` (≈4.127 bits) re-quantizes the block scales
     with bitsandbytes' own 8-bit code, a small change to ``Q``. Vanilla users load it with
     ``AutoModelForCausalLM.from_pretrained(dir)`` and ``PeftModel.from_pretrained(model, dir + "/adapter")``.
-    On CPUs with AVX512-BF16, set ``support_avx512bf16_for_cpu = False`` on each ``Linear4bit`` before training
-    after an eval pass (bitsandbytes repacks the weight and later gradients are wrong).
+    To train it on a CPU, call :func:`guard_bitsandbytes_cpu` first (the AVX512-BF16 repacking trap).
     """
     import shutil
 
