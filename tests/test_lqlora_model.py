@@ -336,3 +336,19 @@ def test_bf16_model():
     out = peft_model(x, labels=x)
     assert torch.isfinite(out.loss) and out.logits.dtype == torch.bfloat16
     out.loss.backward()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    w = torch.randn(96, 80, generator=torch.Generator().manual_seed(0))
+    for cfg in (NFConfig(3, 32, 8, 16), NFConfig(4, 64, 8, 16, "bf16")):
+        cpu, gpu = nf_quantize(w, cfg), nf_quantize(w.cuda(), cfg)
+        assert torch.equal(cpu.codes, gpu.codes.cpu()) and torch.equal(cpu.scale_codes, gpu.scale_codes.cpu())
+        torch.testing.assert_close(nf_dequantize(gpu).cpu(), nf_dequantize(cpu))
+    peft_model = prepare_lqlora_model(tiny_llama(), _config(), progress=False).eval()
+    x = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = peft_model(x).logits
+        got = peft_model.to("cuda")(x.cuda()).logits.cpu()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

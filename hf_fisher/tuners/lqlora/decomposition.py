@@ -80,7 +80,8 @@ def lq_decompose(
     q_dense = torch.zeros_like(w)
     best: LQDecomposition | None = None
     errors: list[float] = []
-    with torch.random.fork_rng(devices=[]):
+    # Seed the randomized SVD without touching the caller's RNG state (CPU, and the weight's GPU if any).
+    with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
         torch.manual_seed(seed)
         for it in range(max_iter):
             factors = weighted_low_rank(w - q_dense, rank, row_weights=d_r, col_weights=d_c, niter=svd_niter)
