@@ -30,7 +30,8 @@ def test_matches_brute_force_on_tiny_instances(seed):
     errors = rng.uniform(0.5, 5, n_mat)[:, None] * np.exp(-rng.uniform(0.5, 1.5) * bpp)[None, :] * sizes[:, None]
     budget = float(rng.uniform(bpp[0] + 0.2, bpp[-1]))
     try:
-        result = solve_bit_allocation(errors, bits, sizes, budget)
+        result = solve_bit_allocation(errors, bits, sizes, budget, mip_rel_gap=0.0)
+        default_gap = solve_bit_allocation(errors, bits, sizes, budget)
     except ValueError:
         assert _brute_force(errors, bits, sizes, budget) is None
         return
@@ -40,6 +41,9 @@ def test_matches_brute_force_on_tiny_instances(seed):
     rows = np.arange(n_mat)
     assert bits[rows, result.choice].sum() <= budget * sizes.sum() + 1e-6
     assert result.bits_per_parameter <= budget + 1e-9
+    # The default relative gap (1e-4) is a proven bound on the distance to the optimum.
+    assert expected_total <= default_gap.total_error <= expected_total * (1 + 1e-4) + 1e-12
+    assert default_gap.bits_per_parameter <= budget + 1e-9
 
 
 def test_per_config_bits_and_budget_extremes():
