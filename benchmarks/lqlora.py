@@ -501,6 +501,53 @@ def part_ilp(args, cache) -> None:
     output.write_text(text + "\n".join(section) + "\n")
 
 
+def generic_dequantize(q) -> torch.Tensor:
+    """The unpack-then-gather dequantization (the path 3-bit codes take), for comparison with the byte tables."""
+    from hf_fisher.tuners.lqlora.quantizer import _dequantized_scales, nf_levels, unpack_codes
+
+    cfg = q.config
+    n_blocks = math.ceil(q.numel / cfg.block_size)
+    scales = _dequantized_scales(unpack_codes(q.scale_codes, cfg.scale_bits, n_blocks), q.group_scales, q.offset,
+                                 cfg, n_blocks)
+    codes = unpack_codes(q.codes, cfg.bits, n_blocks * cfg.block_size)
+    values = nf_levels(cfg.bits)[codes].view(n_blocks, cfg.block_size) * scales[:, None]
+    return values.reshape(-1)[: q.numel].view(q.shape)
+
+
+def part_dequant(args, weights) -> None:
+    """Seconds to dequantize all target matrices (once per training forward), per bit width and path."""
+    rows = []
+    for bits in (2, 3, 4):
+        quantized = [nf_quantize(w, NFConfig(bits, 64)) for w in weights.values()]
+        times: dict[str, list[float]] = {"nf_dequantize": [], "unpack + gather": []}
+        for _ in range(3):
+            for label, fn in (("nf_dequantize", nf_dequantize), ("unpack + gather", generic_dequantize)):
+                start = time.perf_counter()
+                for q in quantized:
+                    fn(q)
+                times[label].append(time.perf_counter() - start)
+        rows.append(f"| NF{bits} (B0=64) | {np.median(times['nf_dequantize']):.2f} | "
+                    f"{np.median(times['unpack + gather']):.2f} |")
+        log(rows[-1])
+    section = [
+        f"## Part 5: dequantization cost ({len(weights)} SmolLM2 matrices, all dequantized once per forward)",
+        "",
+        "Median of 3 interleaved rounds, 1 thread, load average "
+        f"{os.getloadavg()[0]:.1f}. `nf_dequantize` reads 2-, 4- and 8-bit codes with one table lookup per byte; "
+        "3-bit codes (and the right column) unpack the bit stream and then gather the levels. Part 2 ran before "
+        "the byte tables existed (its LQ-LoRA models used the right column's path).",
+        "",
+        "| codes | s, nf_dequantize | s, unpack + gather |",
+        "|---|---|---|",
+        *rows,
+        "",
+    ]
+    output = Path(args.output)
+    text = output.read_text() if output.is_file() else ""
+    text = text.split("## Part 5:")[0].rstrip("\n") + "\n\n" if text else ""
+    output.write_text(text + "\n".join(section) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rank", type=int, default=16)
@@ -514,7 +561,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--sentences", type=int, default=64)
-    parser.add_argument("--parts", default="quant,minilm,finetune,ilp")
+    parser.add_argument("--parts", default="quant,minilm,finetune,ilp,dequant")
     parser.add_argument("--ilp-repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smoke test: first 2 blocks, tiny data")
     parser.add_argument("--output", default=str(RESULTS))
@@ -548,6 +595,9 @@ def main() -> None:
         return
     model, tokenizer = load_default_model()
     weights = target_weights(model, TARGETS, args.target_regex)
+    if parts == ["dequant"]:
+        part_dequant(args, weights)
+        return
     fisher_data = loader(tokenizer, "train", args.fisher_sequences, args.seq_len)
     start = time.perf_counter()
     fisher_path = cache / "fisher.pt"
@@ -570,6 +620,8 @@ def main() -> None:
         write_results(args, header)
     if "ilp" in parts:
         part_ilp(args, cache)
+    if "dequant" in parts:
+        part_dequant(args, weights)
     log("done", args.output)
 
 
