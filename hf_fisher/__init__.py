@@ -12,6 +12,7 @@ from hf_fisher.curvature import (  # noqa: E402
 from hf_fisher.data import build_fictitious_facts  # noqa: E402
 from hf_fisher.lowrank import fisher_weights, weighted_low_rank  # noqa: E402
 from hf_fisher.models import load_default_model, load_model  # noqa: E402
+from hf_fisher.trainers import FisherTrainer, FisherTrainingArguments  # noqa: E402
 from hf_fisher.tuners.fwsvd import (  # noqa: E402
     initialize_lora_fwsvd,
     load_fwsvd_for_training,
@@ -20,6 +21,8 @@ from hf_fisher.tuners.fwsvd import (  # noqa: E402
 
 __all__ = [
     "DiagonalFisher",
+    "FisherTrainer",
+    "FisherTrainingArguments",
     "KFACFactors",
     "__version__",
     "build_fictitious_facts",
