@@ -11,6 +11,7 @@ from hf_fisher.curvature import (  # noqa: E402
 )
 from hf_fisher.data import build_fictitious_facts  # noqa: E402
 from hf_fisher.lowrank import fisher_weights, weighted_low_rank  # noqa: E402
+from hf_fisher.merging import fisher_merge  # noqa: E402
 from hf_fisher.models import load_default_model, load_model  # noqa: E402
 from hf_fisher.trainers import FisherTrainer, FisherTrainingArguments  # noqa: E402
 from hf_fisher.tuners.fwsvd import (  # noqa: E402
@@ -29,6 +30,7 @@ __all__ = [
     "compress_fwsvd",
     "estimate_diagonal_fisher",
     "estimate_kfac",
+    "fisher_merge",
     "fisher_weights",
     "initialize_lora_fwsvd",
     "load_compressed_model",
