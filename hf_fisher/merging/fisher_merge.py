@@ -209,7 +209,7 @@ def _merge_lora(models: list[nn.Module], fishers: list[FisherLike], weights: lis
         if output == "svd":
             r = rank or max(int(layers[n].r[adapters[i][n]]) for i, layers in enumerate(all_layers))
             dw = merged_dw[n].T if getattr(all_layers[0][n], "fan_in_fan_out", False) else merged_dw[n]
-            u, s, vh = torch.linalg.svd(dw.double(), full_matrices=False)  # factor ΔW in PEFT's (out, in) form
+            u, s, vh = torch.linalg.svd(dw.float(), full_matrices=False)  # factor ΔW in PEFT's (out, in) form
             r = min(r, s.numel())
             root = s[:r].sqrt()
             b, a = (u[:, :r] * root).float(), (root[:, None] * vh[:r]).float()  # (out, r), (r, in)
