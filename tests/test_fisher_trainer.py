@@ -1,6 +1,7 @@
 """FisherTrainer end to end: SGD steps against a hand computation, gradient accumulation, resume (exact online
 Fisher), PEFT + bf16, two processes, saved artefacts in a fresh process, and clean errors."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from hf_fisher import FisherTrainer, FisherTrainingArguments
 from hf_fisher.curvature import CurvatureMetadata, DiagonalFisher, OnlineDiagonalFisher
+from hf_fisher.trainers import FisherPenalty
 from tests.helpers import launch_two_processes, make_batches, tiny_llama
 
 LAYERS = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"]
@@ -144,11 +146,38 @@ def test_peft_lora_with_bf16_and_a_fisher_estimated_at_start(tmp_path):
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert all(torch.isfinite(torch.tensor([e["loss"], e["fisher_penalty"]])).all() for e in logs)
     assert logs[-1]["fisher_penalty"] > 0
-    assert set(trainer.online_fisher.state) == {n for n, p in model.named_parameters() if p.requires_grad}
+    adapted = {n.replace("lora_A.default.weight", "base_layer.weight") for n, _ in model.named_parameters()
+               if "lora_A" in n}
+    assert set(trainer.online_fisher.state) == adapted  # under LoRA: the Fisher of ΔW (the base weights)
     assert all(t.dtype == torch.float32 for t in trainer.online_fisher.state.values())
     trainer.save_model(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "adapter" / "fisher" / "diagonal_fisher.safetensors").is_file()
+
+
+def test_lora_online_fisher_is_the_squared_gradient_of_the_adapted_weights(tmp_path):
+    data = rows(4)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    reference = copy.deepcopy(model)
+    args = training_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
+                         optim="sgd", fisher_penalty="none", online_fisher="mean")
+    trainer = FisherTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    # Dense reference: unfreeze the base weights and take the full-batch gradient by autograd.
+    base = {n: p for n, p in reference.named_parameters() if n.endswith("base_layer.weight")}
+    for p in base.values():
+        p.requires_grad_(True)
+    batch = {k: torch.stack([r[k] for r in data]) for k in data[0]}
+    reference.train()
+    reference(**batch).loss.backward()
+    assert set(trainer.online_fisher.state) == set(base) and len(base) == 4
+    for n, p in base.items():
+        torch.testing.assert_close(trainer.online_fisher.state[n], p.grad.square(), atol=1e-10, rtol=1e-4)
+    # The saved Fisher is ready for the next FisherTrainer's penalty on a fresh adapter.
+    trainer.save_model(str(tmp_path / "adapter"))
+    saved = DiagonalFisher.from_pretrained(tmp_path / "adapter" / "fisher")
+    fresh = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    assert len(FisherPenalty(fresh, saved, 1.0).units) == 4
 
 
 def test_rank_one_penalty_trains_and_parses_from_the_command_line(tmp_path):
@@ -215,5 +244,11 @@ def test_two_processes_match_one_process(tmp_path):
     ddp_model = AutoModelForCausalLM.from_pretrained(out / "final")
     for n, p in trainer.model.named_parameters():
         torch.testing.assert_close(ddp_model.state_dict()[n], p.detach(), atol=1e-6, rtol=1e-5)
+    lora = build(tmp_path / "single_lora", per_device_batch=4, lora=True)
+    lora.train()
+    ddp_lora_fisher = DiagonalFisher.from_pretrained(out / "lora_final" / "fisher")
+    for n, t in lora.online_fisher.to_diagonal_fisher().items():
+        assert n.endswith("base_layer.weight")
+        torch.testing.assert_close(ddp_lora_fisher[n], t, atol=1e-9, rtol=1e-4)
     assert world["penalty"] == pytest.approx(
         [e["fisher_penalty"] for e in trainer.state.log_history if "loss" in e], rel=1e-4, abs=1e-12)

@@ -125,3 +125,51 @@ class OnlineDiagonalFisher:
         for name, acc in self.state.items():
             acc.copy_(tensors[name])
         self.steps = int(config["steps"])
+
+
+class FrozenWeightGradients:
+    """Gradients ``∂L/∂W`` of frozen linear weights, built from hooks as ``gᵀa`` during ordinary backward passes.
+
+    Under LoRA the base weights are frozen, so autograd never forms their gradient, yet it is exactly the
+    gradient with respect to the adapter's weight change ΔW that a Fisher of the adapted layers needs.
+    ``modules`` maps the Fisher entry name to ``(module, transposed)``: the module whose input ``a`` and
+    output gradient ``g`` give the weight gradient (for a PEFT LoRA layer: the LoRA wrapper, whose output
+    gradient equals the base layer's), ``transposed`` for weights stored (in, out). Sums over every call
+    of the module until :meth:`pop`; fp32 whatever the activations' dtype.
+    """
+
+    def __init__(self, modules: Mapping[str, tuple[torch.nn.Module, bool]]):
+        self.sums: dict[str, torch.Tensor] = {}
+        self._handles = []
+        for name, (module, transposed) in modules.items():
+            self._handles.append(module.register_forward_hook(self._hook(name, transposed)))
+
+    def _hook(self, name: str, transposed: bool):
+        def forward_hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+                return
+            a = args[0].detach()
+
+            def backward_hook(g: torch.Tensor) -> None:
+                a2 = a.reshape(-1, a.shape[-1]).float()
+                g2 = g.reshape(-1, g.shape[-1]).float()
+                grad = a2.T @ g2 if transposed else g2.T @ a2
+                if name in self.sums:
+                    self.sums[name].add_(grad)
+                else:
+                    self.sums[name] = grad
+
+            output.register_hook(backward_hook)
+
+        return forward_hook
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        """The gradients summed since the last call (then reset)."""
+        sums, self.sums = self.sums, {}
+        return sums
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

@@ -26,7 +26,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from hf_fisher.curvature.diagonal import DiagonalFisher, estimate_diagonal_fisher
-from hf_fisher.curvature.online import STATE_FILENAME, OnlineDiagonalFisher
+from hf_fisher.curvature.online import STATE_FILENAME, FrozenWeightGradients, OnlineDiagonalFisher
 from hf_fisher.curvature.rank_one import RankOneFisher, estimate_rank_one_fisher
 from hf_fisher.curvature.store import model_name_or_path
 
@@ -68,9 +68,10 @@ class FisherTrainingArguments(TrainingArguments):
     fisher_seed: int = field(default=0, metadata={"help": "Seed of the sampled labels when fisher_kind='sampled'."})
     online_fisher: str = field(
         default="none",
-        metadata={"help": "Accumulate a diagonal Fisher of the trainable weights from the training gradients: "
-                  "'mean' (running mean), 'ema' or 'none'. Saved in every checkpoint and next to the final model "
-                  f"(subfolder '{FISHER_SUBFOLDER}/').", "choices": list(ONLINE_MODES)},
+        metadata={"help": "Accumulate a diagonal Fisher from the training gradients: 'mean' (running mean), 'ema' or "
+                  "'none'. Of the trainable weights; under LoRA of the adapted layers' weights (the gradient of ΔW, "
+                  "from hooks), which the penalty and fisher_merge use. Saved in every checkpoint and next to the "
+                  f"final model (subfolder '{FISHER_SUBFOLDER}/').", "choices": list(ONLINE_MODES)},
     )
     online_fisher_decay: float = field(default=0.99, metadata={"help": "Decay of the online Fisher's EMA."})
 
@@ -306,14 +307,50 @@ class FisherTrainer(Trainer):
             self.fisher_penalty = FisherPenalty(self.model, fisher, args.fisher_lambda)
         self.online_fisher: OnlineDiagonalFisher | None = None
         self._online_params: dict[str, nn.Parameter] = {}
+        self._frozen_grads: FrozenWeightGradients | None = None
+        self._frozen_names: list[str] = []
         if args.online_fisher != "none":
-            self._online_params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-            self.online_fisher = OnlineDiagonalFisher(
-                {n: tuple(p.shape) for n, p in self._online_params.items()}, mode=args.online_fisher,
-                decay=args.online_fisher_decay, device=next(iter(self._online_params.values())).device,
-            )
+            self._setup_online_fisher(args)
         self._penalty_sum = 0.0
         self._penalty_count = 0
+
+    def _setup_online_fisher(self, args: FisherTrainingArguments) -> None:
+        """Track the trainable parameters; under LoRA, the adapted layers' weights (ΔW) instead of A and B."""
+        lora_targets: dict[str, tuple[nn.Module, bool]] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name, layer in _lora_layers(self.model).items():
+            adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+            if adapters and any(p.requires_grad for p in layer.lora_A[adapters[0]].parameters()):
+                key = f"{name}.base_layer.weight"
+                lora_targets[key] = (layer, bool(getattr(layer, "fan_in_fan_out", False)))
+                shapes[key] = tuple(layer.get_base_layer().weight.shape)
+        self._online_params = {n: p for n, p in self.model.named_parameters()
+                               if p.requires_grad and not (lora_targets and "lora_" in n)}
+        shapes.update({n: tuple(p.shape) for n, p in self._online_params.items()})
+        if not shapes:
+            raise ValueError("online_fisher needs trainable parameters, but the model has none.")
+        self.online_fisher = OnlineDiagonalFisher(
+            shapes, mode=args.online_fisher, decay=args.online_fisher_decay, device=self.args.device
+        )
+        if lora_targets:
+            self._frozen_grads = FrozenWeightGradients(lora_targets)
+            self._frozen_names = list(lora_targets)
+
+    def _step_gradients(self) -> dict[str, torch.Tensor]:
+        """This optimizer step's gradients of the tracked tensors (ΔW gradients all-reduced like DDP's)."""
+        grads = {n: p.grad for n, p in self._online_params.items() if p.grad is not None}
+        if self._frozen_grads is not None:
+            sums = self._frozen_grads.pop()
+            world = self.accelerator.num_processes
+            for name in self._frozen_names:  # fixed order: every process takes part in every all-reduce
+                g = sums.get(name)
+                if g is None:
+                    g = torch.zeros(self.online_fisher.state[name].shape, device=self.args.device)
+                if world > 1:
+                    torch.distributed.all_reduce(g)
+                    g.div_(world)
+                grads[name] = g
+        return grads
 
     def _reference_fisher(self, expected: type, fisher_dataset: Any) -> DiagonalFisher | RankOneFisher:
         """Load the Fisher from ``args.fisher_path`` or estimate it on ``fisher_dataset`` (sharded by process)."""
@@ -344,7 +381,7 @@ class FisherTrainer(Trainer):
             scaler = getattr(self.accelerator, "scaler", None)
             grad_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
             if self.online_fisher is not None:
-                grads = {n: p.grad for n, p in self._online_params.items() if p.grad is not None}
+                grads = self._step_gradients()
                 if all(bool(torch.isfinite(g).all()) for g in grads.values()):  # fp16 overflow: step is skipped
                     self.online_fisher.update(grads, scale=grad_scale)
             if self.fisher_penalty is not None:
