@@ -180,8 +180,11 @@ def test_penalty_errors_name_the_problem():
     with pytest.raises(ValueError, match="No trainable weight"):
         FisherPenalty(plain, _random_fisher(plain, LAYERS), 1.0)
     wrong = DiagonalFisher({LAYERS[0]: torch.ones(3, 3)}, _metadata())
-    with pytest.raises(ValueError, match="does not fit the model"):
+    with pytest.raises(ValueError, match="does not fit the model.*shape mismatch"):
         FisherPenalty(tiny_llama(), wrong, 1.0)
+    renamed = DiagonalFisher({"transformer.h.0.attn.c_attn.weight": torch.ones(3, 3)}, _metadata())
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        FisherPenalty(tiny_llama(), renamed, 1.0)
     dora = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(ValueError, match="DoRA"):
         FisherPenalty(dora, _random_fisher(tiny_llama(), ["model.layers.0.self_attn.q_proj.weight",

@@ -206,6 +206,9 @@ def test_bad_input_raises_before_the_model_changes(tmp_path):
     with pytest.raises(TypeError, match="RankOneFisher"):
         FisherTrainer(model=model, args=training_args(tmp_path, fisher_penalty="rank1"), train_dataset=rows(4),
                       fisher=random_fisher(model))
+    with pytest.raises(ValueError, match="fisher_penalty='none'"):
+        FisherTrainer(model=model, args=training_args(tmp_path, fisher_penalty="none"), train_dataset=rows(4),
+                      fisher=random_fisher(model))
     with pytest.raises(ValueError, match="fisher_lambda"):
         training_args(tmp_path, fisher_lambda=-1.0)
     with pytest.raises(ValueError, match="rank1"):

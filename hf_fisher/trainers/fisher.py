@@ -180,8 +180,11 @@ def _parameter_units(model: nn.Module, fisher: Mapping[str, torch.Tensor]) -> li
     params = dict(model.named_parameters())
     mismatched = [f"{k}: Fisher {tuple(v.shape)} vs model {tuple(params[k].shape)}" for k, v in fisher.items()
                   if k in params and tuple(params[k].shape) != tuple(v.shape)]
-    if mismatched:
-        raise ValueError(f"The Fisher does not fit the model ({mismatched[:3]}); estimate it on this model.")
+    unknown = [k for k in fisher if k not in params]
+    if mismatched or unknown:
+        problems = (f"shape mismatch: {mismatched[:3]}" if mismatched else "") + (
+            f"{'; ' if mismatched else ''}not parameters of the model: {unknown[:3]}" if unknown else "")
+        raise ValueError(f"The Fisher does not fit the model ({problems}); estimate it on this model.")
     units = []
     for key in fisher:
         p = params.get(key)
@@ -295,6 +298,9 @@ class FisherTrainer(Trainer):
                 f"args.fisher_path (a saved folder) or `fisher_dataset=` (estimated at start); got {len(sources)}. "
                 "Use fisher_penalty='none' for no penalty."
             )
+        if args.fisher_penalty == "none" and sources:
+            raise ValueError("A Fisher source was given but fisher_penalty='none'; set fisher_penalty='diagonal' or "
+                             "'rank1' to use it, or drop it.")
         expected = RankOneFisher if args.fisher_penalty == "rank1" else DiagonalFisher
         if fisher is not None and args.fisher_penalty != "none" and not isinstance(fisher, expected):
             raise TypeError(f"fisher_penalty={args.fisher_penalty!r} needs a {expected.__name__}, got "
