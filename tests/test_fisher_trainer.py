@@ -253,5 +253,12 @@ def test_two_processes_match_one_process(tmp_path):
     for n, t in lora.online_fisher.to_diagonal_fisher().items():
         assert n.endswith("base_layer.weight")
         torch.testing.assert_close(ddp_lora_fisher[n], t, atol=1e-9, rtol=1e-4)
+    from safetensors.torch import load_file
+
+    ddp_adapter = load_file(str(out / "lora_final" / "adapter_model.safetensors"))
+    trained = {n.replace(".default", ""): p for n, p in lora.model.named_parameters() if "lora_" in n}
+    assert set(ddp_adapter) == set(trained)
+    for n, p in trained.items():  # the penalty (on ΔW) and the task gradients agree across the two set-ups
+        torch.testing.assert_close(ddp_adapter[n], p.detach(), atol=1e-6, rtol=1e-5)
     assert world["penalty"] == pytest.approx(
         [e["fisher_penalty"] for e in trainer.state.log_history if "loss" in e], rel=1e-4, abs=1e-12)
