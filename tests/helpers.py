@@ -102,3 +102,22 @@ def launch_two_processes(script: str, *args: str) -> str:
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result.stdout
+
+
+def qa_rows(n: int, seed: int, vocab: int = 96) -> list[dict[str, list[int]]]:
+    """Tokenized rows of varying length: a prompt (labels -100) then an answer."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        prompt = int(torch.randint(2, 5, (1,), generator=g))
+        answer = int(torch.randint(2, 6, (1,), generator=g))
+        ids = torch.randint(1, vocab, (prompt + answer,), generator=g).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+def pad_rows(rows, pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded tensors of tokenized rows (the library's pad_collate, imported lazily)."""
+    from hf_fisher.data.facts import pad_collate
+
+    return pad_collate(rows, pad_token_id)

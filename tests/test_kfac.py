@@ -146,6 +146,20 @@ def test_precondition_equals_dense_inverse(method, has_bias, transposed):
     assert out["layer.weight"].shape == grads["layer.weight"].shape
 
 
+@pytest.mark.parametrize("has_bias,transposed", [(False, False), (True, True)])
+def test_multiply_equals_dense_kronecker_product(has_bias, transposed):
+    layer = _random_layer(4, 5, has_bias, transposed, seed=5)
+    factors = _factors({"layer": layer})
+    grads = _grads("layer", layer, seed=6)
+    m = _as_matrix(layer, grads, "layer")
+    expected = _unvec(torch.kron(layer.A.double(), layer.G.double()) @ _vec(m), *m.shape)
+    product = factors.multiply(grads)
+    torch.testing.assert_close(_as_matrix(layer, product, "layer"), expected, rtol=1e-4, atol=1e-5)
+    # the damped inverse undoes it
+    back = factors.precondition({k: v.double() for k, v in product.items()}, damping=0.0)
+    torch.testing.assert_close(_as_matrix(layer, back, "layer"), m, rtol=1e-3, atol=1e-3)
+
+
 def test_ekfac_precondition_equals_dense_inverse_in_eigenbasis():
     layer = _random_layer(3, 4, False, False, seed=2)
     factors = _factors({"layer": layer}).eigendecompose()
@@ -161,6 +175,9 @@ def test_ekfac_precondition_equals_dense_inverse_in_eigenbasis():
     torch.testing.assert_close(out["layer.weight"].double(), expected, rtol=1e-4, atol=1e-5)
     plain = factors.precondition(grads, damping=damping, use_eigenvalue_correction=False)
     assert not torch.allclose(plain["layer.weight"], out["layer.weight"])
+    product = factors.multiply(grads)
+    torch.testing.assert_close(product["layer.weight"].double(), _unvec((dense - damping * torch.eye(
+        12, dtype=torch.float64)) @ _vec(m), 3, 4), rtol=1e-4, atol=1e-5)
 
 
 def test_eigenvalue_correction_is_diagonal_of_fisher_in_eigenbasis(llama, batches):
@@ -217,3 +234,13 @@ def test_blocked_gram_accumulation_equals_full_products(width, with_bias):
     accumulate_gram(buffer, y, with_bias, alpha=-1.0)
     got = mirror_upper_blocks(buffer, with_bias)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_estimate_under_no_grad_equals_estimate(llama, batches):
+    """Callers inside torch.no_grad() (an optimizer step) still get the real curvature, not silent zeros."""
+    reference = estimate_kfac(llama, batches, kind="sampled", target_modules=["down_proj"], seed=3)
+    with torch.no_grad():
+        inside = estimate_kfac(llama, batches, kind="sampled", target_modules=["down_proj"], seed=3)
+    for name in reference:
+        torch.testing.assert_close(inside[name].G, reference[name].G)
+        assert float(inside[name].G.abs().max()) > 0

@@ -306,7 +306,8 @@ def run_curvature_pass(
         if max_batches is not None:
             total = min(total, max_batches)
 
-    with curvature_pass_mode(model) as handles:
+    # the pass needs autograd even when called under torch.no_grad() (e.g. from an optimizer's step)
+    with curvature_pass_mode(model) as handles, torch.enable_grad():
         handles.append(embeddings.register_forward_hook(require_grad))
         for layer in layers.values():
             handles.append(layer.module.register_forward_hook(make_forward_hook(layer)))

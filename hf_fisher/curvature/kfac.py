@@ -356,6 +356,34 @@ class KFACFactors(CurvatureEstimate[KFACLayer]):
             raise ValueError(f"damping must be >= 0, got {damping}.")
         if method not in ("eigenbasis", "per_factor"):
             raise ValueError(f'method must be "eigenbasis" or "per_factor", got {method!r}.')
+
+        def divide(rotated: torch.Tensor, layer: KFACLayer) -> torch.Tensor:
+            if method == "per_factor":
+                la, lg = layer.eigenvalues_A.to(rotated.device), layer.eigenvalues_G.to(rotated.device)
+                return rotated / torch.outer(lg + damping, la + damping)
+            return rotated / (self._spectrum(layer, use_eigenvalue_correction, rotated.device) + damping)
+
+        return self._in_eigenbasis(grads, divide)
+
+    def multiply(
+        self, vectors: Mapping[str, torch.Tensor] | nn.Module, use_eigenvalue_correction: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """The curvature times ``vectors``, layer by layer: ``(A ⊗ G) vec(V) = G V A`` (or the EK-FAC corrected
+        spectrum in the Kronecker eigenbasis). ``vᵀ (A ⊗ G) v`` is the predicted second-order change of the
+        loss (the mean KL, for a sampled-label Fisher) along ``v``."""
+        return self._in_eigenbasis(
+            vectors, lambda rotated, layer: rotated * self._spectrum(layer, use_eigenvalue_correction, rotated.device)
+        )
+
+    @staticmethod
+    def _spectrum(layer: KFACLayer, use_eigenvalue_correction: bool, device: torch.device) -> torch.Tensor:
+        """Eigenvalues of the Kronecker product (EK-FAC's corrected ones when present and asked for)."""
+        if use_eigenvalue_correction and layer.eigenvalue_correction is not None:
+            return layer.eigenvalue_correction.to(device)
+        return torch.outer(layer.eigenvalues_G.to(device), layer.eigenvalues_A.to(device))
+
+    def _in_eigenbasis(self, grads: Mapping[str, torch.Tensor] | nn.Module, transform) -> dict[str, torch.Tensor]:
+        """Rotate each layer's matrix into the Kronecker eigenbasis, apply ``transform``, rotate back."""
         if isinstance(grads, nn.Module):
             grads = {n: p.grad for n, p in grads.named_parameters() if p.grad is not None}
         self.eigendecompose()
@@ -366,17 +394,7 @@ class KFACFactors(CurvatureEstimate[KFACLayer]):
             v = self._as_matrix(name, grads)
             qa = layer.eigenvectors_A.to(v.device)
             qg = layer.eigenvectors_G.to(v.device)
-            la = layer.eigenvalues_A.to(v.device)
-            lg = layer.eigenvalues_G.to(v.device)
-            rotated = qg.T @ v @ qa
-            if method == "per_factor":
-                rotated = rotated / torch.outer(lg + damping, la + damping)
-            else:
-                if use_eigenvalue_correction and layer.eigenvalue_correction is not None:
-                    scale = layer.eigenvalue_correction.to(v.device)
-                else:
-                    scale = torch.outer(lg, la)
-                rotated = rotated / (scale + damping)
+            rotated = transform(qg.T @ v @ qa, layer)
             result.update(self._from_matrix(name, qg @ rotated @ qa.T, grads))
         return result
 

@@ -533,7 +533,8 @@ def _check_arguments(n_people: int, holdout_fraction: float, forget_fractions: S
 # tokenization
 
 
-def _prompt_text(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
+    """The question as a single user turn of the tokenizer's chat template, followed by the generation prompt."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"The tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template, which is needed to "
@@ -561,7 +562,7 @@ def format_question_answer(
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("format_question_answer needs a tokenizer with an EOS token to end the answer")
-    prompt_ids = tokenizer(_prompt_text(tokenizer, question), add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(chat_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     input_ids = list(prompt_ids) + list(answer_ids)
     if max_length is not None and len(input_ids) > max_length:
@@ -638,7 +639,7 @@ def build_fictitious_facts(
     forget_fractions = tuple(forget_fractions)
     _check_arguments(n_people, holdout_fraction, forget_fractions)
     if tokenizer is not None:
-        _prompt_text(tokenizer, "")  # fail early on a tokenizer without a chat template
+        chat_prompt(tokenizer, "")  # fail early on a tokenizer without a chat template
 
     people = _generate_people(random.Random(seed), n_people)
     order = list(range(n_people))
@@ -681,27 +682,47 @@ def select_known_world_facts(
     hides the padding; ``batch_size=1`` avoids padding altogether). ``rows`` is any iterable of mappings with
     ``question`` and ``answer`` (e.g. the ``"world_facts"`` split); the kept rows are returned as dicts, in order.
     """
+    rows = [dict(row) for row in rows]
+    texts = generate_answers(model, tokenizer, [row["question"] for row in rows], max_new_tokens, batch_size)
+    return [row for row, text in zip(rows, texts, strict=True) if row["answer"].lower() in text.lower()]
+
+
+@torch.no_grad()
+def generate_answers(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[str],
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy answers to ``questions``, each asked as one chat-template user turn (eval mode, left padding).
+
+    Returns the decoded new tokens without special tokens, stripped; the model's train/eval mode is restored.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    rows = [dict(row) for row in rows]
-    kept = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        prompts = [
-            tokenizer(_prompt_text(tokenizer, row["question"]), add_special_tokens=False)["input_ids"] for row in chunk
-        ]
-        width = max(len(p) for p in prompts)
-        input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id,
-        )
-        texts = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
-        kept.extend(row for row, text in zip(chunk, texts, strict=True) if row["answer"].lower() in text.lower())
-    return kept
+    was_training = model.training
+    model.eval()
+    answers: list[str] = []
+    try:
+        for start in range(0, len(questions), batch_size):
+            prompts = [
+                tokenizer(chat_prompt(tokenizer, q), add_special_tokens=False)["input_ids"]
+                for q in questions[start : start + batch_size]
+            ]
+            width = max(len(p) for p in prompts)
+            input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+            attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+            )
+            answers.extend(t.strip() for t in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return answers
