@@ -22,8 +22,10 @@ and fisher_trainer.png.
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import functools
+import gc
 import math
 import os
 import tempfile
@@ -100,6 +102,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--smoke", action="store_true", help="a tiny run to check the script")
+    parser.add_argument("--part1-from-log", default=None,
+                        help="take part 1's FisherTrainer rows from the log of an earlier run instead of rerunning")
     cli = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -129,37 +133,51 @@ def main() -> None:
 
     # ---------------------------------------------------------------- part 1: forgetting
     start_model = lora(model)
-    t = time.perf_counter()
-    diag = estimate_diagonal_fisher(start_model, loader(lee_ref), target_modules=base_layers(start_model),
-                                    data_description="lee_background train")
-    t_diag = time.perf_counter() - t
-    t = time.perf_counter()
-    rank1 = estimate_rank_one_fisher(start_model, loader(lee_ref), target_modules=base_layers(start_model),
-                                     data_description="lee_background train")
-    t_rank1 = time.perf_counter() - t
-    notes.append(f"Reference Fisher on {n_ref} x 128 tokens of lee_background train: diagonal {t_diag:.0f} s, "
-                 f"rank-1 {t_rank1:.0f} s (rank-1 scale = tr F = {rank1.scale:.3g}).")
     before = {"task_b": mean_loss(start_model, facts_eval), "general": math.exp(mean_loss(start_model, lee_eval))}
-
     plain = lora(model)
-    probes = {"diagonal": FisherPenalty(plain, diag, 1.0), "rank1": FisherPenalty(plain, rank1, 1.0)}
+    if cli.part1_from_log is None:
+        t = time.perf_counter()
+        diag = estimate_diagonal_fisher(start_model, loader(lee_ref), target_modules=base_layers(start_model),
+                                        data_description="lee_background train")
+        t_diag = time.perf_counter() - t
+        t = time.perf_counter()
+        rank1 = estimate_rank_one_fisher(start_model, loader(lee_ref), target_modules=base_layers(start_model),
+                                         data_description="lee_background train")
+        t_rank1 = time.perf_counter() - t
+        notes.append(f"Reference Fisher on {n_ref} x 128 tokens of lee_background train: diagonal {t_diag:.0f} s, "
+                     f"rank-1 {t_rank1:.0f} s (rank-1 scale = tr F = {rank1.scale:.3g}).")
+        probes = {"diagonal": FisherPenalty(plain, diag, 1.0), "rank1": FisherPenalty(plain, rank1, 1.0)}
+    del start_model
     trainer, seconds = train(plain, facts_rows, collate, steps, cli.lr, TMP / "plain", cli.batch_size)
     results = [("plain Trainer (λ = 0)", "-", "-", mean_loss(plain, facts_eval),
                 math.exp(mean_loss(plain, lee_eval)), seconds / steps)]
+    print(before, results[0], flush=True)
     gain = max(before["task_b"] - results[0][3], 1e-6)
-    p1 = {k: p.value() for k, p in probes.items()}
-    notes.append(f"Calibration: task-B loss drop of the plain run ΔL = {gain:.3f}; penalty at λ = 1 of its adapter "
-                 f"P₁ = {p1['diagonal']:.3g} (diagonal), {p1['rank1']:.3g} (rank-1).")
+    if cli.part1_from_log is None:
+        p1 = {k: p.value() for k, p in probes.items()}
+        notes.append(f"Calibration: task-B loss drop of the plain run ΔL = {gain:.3f}; penalty at λ = 1 of its "
+                     f"adapter P₁ = {p1['diagonal']:.3g} (diagonal), {p1['rank1']:.3g} (rank-1).")
+        for c in (0.1, 1.0, 10.0):
+            for kind, fisher in (("diagonal", diag), ("rank1", rank1)):
+                lam = c * gain / max(p1[kind], 1e-30)
+                m = lora(model)
+                trainer, seconds = train(m, facts_rows, collate, steps, cli.lr, TMP / "run", cli.batch_size, fisher,
+                                         kind, lam)
+                results.append((f"FisherTrainer {kind}", f"{c:g}", f"{lam:.3g}", mean_loss(m, facts_eval),
+                                math.exp(mean_loss(m, lee_eval)), seconds / steps))
+                print(results[-1], flush=True)
+                del m, trainer
+        del diag, rank1, probes
+    else:  # the FisherTrainer rows of an earlier run of this script (same code and seeds), from its log
+        logged = [ast.literal_eval(line) for line in Path(cli.part1_from_log).read_text().splitlines()
+                  if line.startswith("('FisherTrainer")]
+        results += logged
+        notes.append(f"The six FisherTrainer rows come from a first full run of this script ({cli.part1_from_log}, "
+                     "same code path, seeds and settings), which the OOM killer stopped in part 2 (the merge kept "
+                     "too many model copies; fixed). This second run repeated the plain run (deterministic: same data "
+                     "order and seeds) and part 2. λ = c · ΔL / P₁ as logged there.")
+    gc.collect()
     facts_adapter = plain
-    for c in (0.1, 1.0, 10.0):
-        for kind, fisher in (("diagonal", diag), ("rank1", rank1)):
-            lam = c * gain / max(p1[kind], 1e-30)
-            m = lora(model)
-            trainer, seconds = train(m, facts_rows, collate, steps, cli.lr, TMP / "run", cli.batch_size, fisher,
-                                     kind, lam)
-            results.append((f"FisherTrainer {kind}", f"{c:g}", f"{lam:.3g}", mean_loss(m, facts_eval),
-                            math.exp(mean_loss(m, lee_eval)), seconds / steps))
-            print(results[-1], flush=True)
 
     # ---------------------------------------------------------------- part 2: merging
     shk_adapter = lora(model)
@@ -180,21 +198,28 @@ def main() -> None:
         "Fisher merge, SVD rank 16": dict(fishers=[f_facts, f_shk], lora_output="svd", lora_rank=16),
         "Fisher merge, concat rank 16 (layer-wise)": dict(fishers=[f_facts, f_shk], lora_output="concat"),
     }
+    merge_rows = []
+    for name, m in [("task-B adapter alone", facts_adapter), ("Shakespeare adapter alone", shk_adapter)]:
+        merge_rows.append((name, mean_loss(m, facts_eval), mean_loss(m, shk_eval), math.exp(mean_loss(m, lee_eval)),
+                           None))
     times: dict[str, list[float]] = {k: [] for k in merges}
-    merged_models = {}
-    for _ in range(1 if smoke else 2):  # interleaved: plain, Fisher, ... repeated
+    for _ in range(1 if smoke else 2):  # interleaved timing: plain, Fisher, ... repeated; results dropped at once
         for name, kwargs in merges.items():
             kwargs = dict(kwargs)
             fishers = kwargs.pop("fishers")
             t = time.perf_counter()
-            merged_models[name] = fisher_merge(adapters, fishers, **kwargs)
+            merged = fisher_merge(adapters, fishers, **kwargs)
             times[name].append(time.perf_counter() - t)
-    merge_rows = []
-    for name, m in [("task-B adapter alone", facts_adapter), ("Shakespeare adapter alone", shk_adapter),
-                    *merged_models.items()]:
+            del merged
+            gc.collect()
+    for name, kwargs in merges.items():  # one model alive at a time for the evaluation
+        kwargs = dict(kwargs)
+        m = fisher_merge(adapters, kwargs.pop("fishers"), **kwargs)
         merge_rows.append((name, mean_loss(m, facts_eval), mean_loss(m, shk_eval), math.exp(mean_loss(m, lee_eval)),
-                           min(times[name]) if name in times else None))
+                           min(times[name])))
         print(merge_rows[-1], flush=True)
+        del m
+        gc.collect()
 
     total = time.perf_counter() - t0
     write_results(cli, steps, n_ref, n_eval, n_facts, before, results, merge_rows, notes, total, smoke)

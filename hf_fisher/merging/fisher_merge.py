@@ -197,30 +197,30 @@ def _merge_lora(models: list[nn.Module], fishers: list[FisherLike], weights: lis
             raise ValueError(f"The adapters sit on different base weights (layer {n!r}); merge adapters trained "
                              "from one base model.")
 
-    merged_dw: dict[str, torch.Tensor] = {}
+    # One layer at a time: only the current layer's ΔW's are ever materialised.
+    result = copy.deepcopy(models[0]).unload() if output == "merged" else None
+    modules = dict(result.named_modules()) if result is not None else {}
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for n in names:
-        deltas = [_delta_w(layers[n], adapters[i][n]) for i, layers in enumerate(all_layers)]
         layer_fishers = [None if k[n] is None else f[k[n]] for f, k in zip(fishers, fisher_keys, strict=True)]
         if output == "concat":
             factors[n] = _concat_factors(all_layers, adapters, n, layer_fishers, weights, eps)
             continue
-        merged_dw[n] = _weighted_average(deltas, layer_fishers, weights, eps, n)
-        if output == "svd":
-            r = rank or max(int(layers[n].r[adapters[i][n]]) for i, layers in enumerate(all_layers))
-            dw = merged_dw[n].T if getattr(all_layers[0][n], "fan_in_fan_out", False) else merged_dw[n]
-            u, s, vh = torch.linalg.svd(dw.float(), full_matrices=False)  # factor ΔW in PEFT's (out, in) form
-            r = min(r, s.numel())
-            root = s[:r].sqrt()
-            b, a = (u[:, :r] * root).float(), (root[:, None] * vh[:r]).float()  # (out, r), (r, in)
-            factors[n] = (b, a)
-    if output == "merged":
-        result = copy.deepcopy(models[0]).unload()
-        modules = dict(result.named_modules())
-        with torch.no_grad():
-            for n, dw in merged_dw.items():
-                weight = modules[n.removeprefix("base_model.model.")].weight
-                weight.add_(dw.to(weight.dtype))
+        deltas = [_delta_w(layers[n], adapters[i][n]) for i, layers in enumerate(all_layers)]
+        merged_dw = _weighted_average(deltas, layer_fishers, weights, eps, n)
+        del deltas
+        if output == "merged":
+            weight = modules[n.removeprefix("base_model.model.")].weight
+            with torch.no_grad():
+                weight.add_(merged_dw.to(weight.dtype))
+            continue
+        r = rank or max(int(layers[n].r[adapters[i][n]]) for i, layers in enumerate(all_layers))
+        dw = merged_dw.T if getattr(all_layers[0][n], "fan_in_fan_out", False) else merged_dw
+        u, s, vh = torch.linalg.svd(dw.float(), full_matrices=False)  # factor ΔW in PEFT's (out, in) form
+        r = min(r, s.numel())
+        root = s[:r].sqrt()
+        factors[n] = ((u[:, :r] * root).float(), (root[:, None] * vh[:r]).float())  # B (out, r), A (r, in)
+    if result is not None:
         return result
     return _build_adapter(models[0], factors)
 
