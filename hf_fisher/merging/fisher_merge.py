@@ -257,10 +257,11 @@ def _build_adapter(template: nn.Module, factors: dict[str, tuple[torch.Tensor, t
         lora_dropout=0.0, task_type=config.task_type,
         rank_pattern={re.escape(t): ranks[n] for t, n in zip(targets, factors, strict=True) if ranks[n] != r},
         alpha_pattern={re.escape(t): ranks[n] for t, n in zip(targets, factors, strict=True) if ranks[n] != r},
-        base_model_name_or_path=config.base_model_name_or_path,
     )
     base = copy.deepcopy(template).unload()
     model = get_peft_model(base, new_config)
+    if config.base_model_name_or_path:  # keep the inputs' base model, so the saved adapter names it
+        model.peft_config["default"].base_model_name_or_path = config.base_model_name_or_path
     layers = _lora_layers(model)
     with torch.no_grad():
         for n, (b, a) in factors.items():
