@@ -12,8 +12,14 @@ from hf_fisher.curvature import (  # noqa: E402
 from hf_fisher.data import build_fictitious_facts  # noqa: E402
 from hf_fisher.evaluation import evaluate_unlearning  # noqa: E402
 from hf_fisher.lowrank import fisher_weights, weighted_low_rank  # noqa: E402
+from hf_fisher.merging import fisher_merge  # noqa: E402
 from hf_fisher.models import load_default_model, load_model  # noqa: E402
-from hf_fisher.trainers import UnlearningArguments, UnlearningTrainer  # noqa: E402
+from hf_fisher.trainers import (  # noqa: E402
+    FisherTrainer,
+    FisherTrainingArguments,
+    UnlearningArguments,
+    UnlearningTrainer,
+)
 from hf_fisher.trainers.unlearning import (  # noqa: E402
     KFADEArguments,
     KFADETrainer,
@@ -39,6 +45,8 @@ from hf_fisher.tuners.lqlora import (  # noqa: E402
 
 __all__ = [
     "DiagonalFisher",
+    "FisherTrainer",
+    "FisherTrainingArguments",
     "KFACFactors",
     "KFADEArguments",
     "KFADETrainer",
@@ -54,6 +62,7 @@ __all__ = [
     "evaluate_unlearning",
     "export_bitsandbytes",
     "export_dequantized",
+    "fisher_merge",
     "fisher_weights",
     "initialize_lora_fwsvd",
     "load_compressed_model",

@@ -2,6 +2,7 @@
 
 ``hf-fisher demo`` runs the main job on the embedded default model and data, offline.
 ``hf-fisher fisher`` estimates and saves a diagonal Fisher or K-FAC factors for any causal LM.
+``hf-fisher merge`` merges models or LoRA adapters by Fisher-weighted averaging.
 """
 
 from __future__ import annotations
@@ -149,6 +150,118 @@ def run_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_merge_inputs(paths: list[str], base_model: str | None):
+    """The models to merge (full models, or PEFT adapters on one base), their kind, and a tokenizer."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_fisher.models import DEFAULT_MODEL_NAME, load_default_model
+
+    def load(path: str | None):
+        if path in (None, DEFAULT_MODEL_NAME, "default"):
+            return load_default_model()
+        model = AutoModelForCausalLM.from_pretrained(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):
+            tokenizer = None  # only needed to estimate a missing Fisher
+        return model.eval(), tokenizer
+
+    adapters = [(Path(p) / "adapter_config.json").is_file() for p in paths]
+    if any(adapters) and not all(adapters):
+        raise ValueError("--models mixes adapter folders and full models; merge adapters or full models, not both.")
+    if not all(adapters):
+        loaded = [load(p) for p in paths]
+        return [m for m, _ in loaded], False, loaded[0][1]
+    import json
+
+    from peft import PeftModel
+
+    bases = {json.loads((Path(p) / "adapter_config.json").read_text()).get("base_model_name_or_path") for p in paths}
+    if base_model is None:
+        if len(bases) != 1:
+            raise ValueError(f"The adapters name different base models {sorted(map(str, bases))}; pass --base-model.")
+        base_model = bases.pop()
+    base, tokenizer = load(base_model)
+    return [PeftModel.from_pretrained(copy.deepcopy(base), p) for p in paths], True, tokenizer
+
+
+def _merge_fisher(model, path: str, spec: str, is_adapter: bool, tokenizer, args: argparse.Namespace):
+    """The Fisher of one model for merging: none, a given folder, the one saved next to it, or a fresh estimate."""
+    from hf_fisher import DiagonalFisher, estimate_diagonal_fisher
+    from hf_fisher.trainers.fisher import _fisher_key, _lora_layers
+
+    if spec == "none":
+        return None
+    layers = _lora_layers(model) if is_adapter else {}
+
+    def usable(fisher) -> bool:
+        if is_adapter:
+            return all(_fisher_key(n, fisher) is not None for n in layers)
+        params = dict(model.named_parameters())
+        return len(fisher) > 0 and all(k in params and params[k].shape == t.shape for k, t in fisher.items())
+
+    if spec != "auto":
+        fisher = DiagonalFisher.from_pretrained(spec)
+        if not usable(fisher):
+            raise ValueError(f"The Fisher in {spec} does not cover the tensors of {path} that are merged.")
+        return fisher
+    saved = Path(path) / "fisher"
+    if (saved / "diagonal_fisher.safetensors").is_file():
+        fisher = DiagonalFisher.from_pretrained(saved)
+        if usable(fisher):
+            print(f"  {path}: reusing the Fisher saved in {saved}")
+            return fisher
+    if tokenizer is None:
+        raise ValueError(f"{path} has no saved Fisher that fits and no tokenizer to estimate one; pass --fishers.")
+    print(f"  {path}: estimating the sampled-label Fisher on {args.max_sequences} x {args.seq_len} tokens of "
+          f"{args.corpus}")
+    loader = _text_dataloader(tokenizer, args.corpus, "train", args.seq_len, 8, args.max_sequences)
+    targets = [f"{n}.base_layer" for n in layers] if is_adapter else None
+    return estimate_diagonal_fisher(model, loader, kind="sampled", target_modules=targets, seed=args.seed,
+                                    data_description=f"{args.corpus} train, sampled labels")
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    """Merge full models or LoRA adapters by Fisher-weighted averaging and save the result atomically."""
+    import shutil
+    import tempfile
+
+    from hf_fisher import fisher_merge
+
+    if len(args.models) < 2:
+        raise ValueError(f"--models needs at least two folders, got {len(args.models)}.")
+    fisher_specs = args.fishers or ["auto"] * len(args.models)
+    if len(fisher_specs) != len(args.models):
+        raise ValueError(f"--fishers has {len(fisher_specs)} entries for {len(args.models)} models; give one each "
+                         "(a folder, 'auto' or 'none').")
+    if args.weights is not None and len(args.weights) != len(args.models):
+        raise ValueError(f"--weights has {len(args.weights)} entries for {len(args.models)} models.")
+    out = Path(args.output_dir)
+    if out.exists():
+        raise ValueError(f"--output-dir {out} exists already; choose a new folder (nothing is overwritten).")
+    models, is_adapter, tokenizer = _load_merge_inputs(args.models, args.base_model)
+    fishers = [_merge_fisher(m, p, spec, is_adapter, tokenizer, args)
+               for m, p, spec in zip(models, args.models, fisher_specs, strict=True)]
+    start = time.perf_counter()
+    merged = fisher_merge(models, fishers, weights=args.weights, eps=args.eps, normalize=args.normalize,
+                          lora_output=args.lora_output, lora_rank=args.lora_rank)
+    seconds = time.perf_counter() - start
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    what = f"LoRA adapters ({args.lora_output})" if is_adapter else "models"
+    print(f"Merged {len(models)} {what} in {seconds:.2f} s; saved to {out}.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-fisher",
@@ -196,6 +309,28 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--max-sequences", type=int, default=32)
     compress.add_argument("--output-dir", required=True, help="new folder for the compressed model")
     compress.set_defaults(func=run_compress)
+
+    merge = sub.add_parser("merge", help="merge models or LoRA adapters by Fisher-weighted averaging")
+    merge.add_argument("--models", nargs="+", required=True,
+                       help="two or more model folders, or adapter folders trained from one base model")
+    merge.add_argument("--fishers", nargs="+", default=None,
+                       help="one per model: a DiagonalFisher folder, 'none' (plain averaging), or 'auto' (default: "
+                       "the Fisher saved in <model>/fisher by FisherTrainer, else a sampled-label estimate)")
+    merge.add_argument("--weights", nargs="+", type=float, default=None, help="model weights (default: equal)")
+    merge.add_argument("--eps", type=float, default=1e-8, help="added to every Fisher entry")
+    merge.add_argument("--normalize", action="store_true", help="divide each Fisher by its global L2 norm first")
+    merge.add_argument("--lora-output", choices=["svd", "concat", "merged"], default="svd",
+                       help="adapters: rank-r SVD of the merged ΔW, the exact concatenated adapter of the "
+                       "layer-wise merge, or the base model with the merged ΔW added")
+    merge.add_argument("--lora-rank", type=int, default=None, help="rank of the 'svd' output (default: largest input)")
+    merge.add_argument("--base-model", default=None, help="adapters: the base model (default: from adapter_config)")
+    merge.add_argument("--corpus", choices=["lee_background", "shakespeare"], default="lee_background",
+                       help="text for estimating a missing Fisher")
+    merge.add_argument("--seq-len", type=int, default=128)
+    merge.add_argument("--max-sequences", type=int, default=32, help="N examples for a Fisher estimate")
+    merge.add_argument("--seed", type=int, default=0)
+    merge.add_argument("--output-dir", required=True, help="new folder for the merged model or adapter")
+    merge.set_defaults(func=run_merge)
     return parser
 
 
