@@ -17,13 +17,21 @@ from hf_fisher.tuners.fwsvd import (  # noqa: E402
     load_fwsvd_for_training,
     save_fwsvd_adapter,
 )
+from hf_fisher.tuners.randlora import (  # noqa: E402
+    FastRandLoraConfig,
+    convert_from_peft_randlora,
+    convert_to_peft_randlora,
+)
 
 __all__ = [
     "DiagonalFisher",
+    "FastRandLoraConfig",
     "KFACFactors",
     "__version__",
     "build_fictitious_facts",
     "compress_fwsvd",
+    "convert_from_peft_randlora",
+    "convert_to_peft_randlora",
     "estimate_diagonal_fisher",
     "estimate_kfac",
     "fisher_weights",
