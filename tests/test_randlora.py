@@ -304,3 +304,62 @@ def test_bf16_matches_peft(path):
     assert relative_error(got.float(), want.float()) < 2e-2
     ours.train()
     _loss_and_grads(ours)  # gradients flow in bf16 models too
+
+
+def _tiny_llama_4bit(folder):
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    )
+    for module in model.modules():  # the AVX512-BF16 repacking trap (DESIGN.md): keep gradients exact
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+@pytest.mark.parametrize("path", ["per_token", "merged"])
+def test_bnb_4bit_matches_peft_and_merges(tmp_path, path):
+    tiny_llama().save_pretrained(tmp_path / "base")
+    targets = ["q_proj", "v_proj", "gate_proj", "down_proj"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = get_peft_model(_tiny_llama_4bit(tmp_path / "base"), RandLoraConfig(r=8, target_modules=targets))
+        ours = get_peft_model(_tiny_llama_4bit(tmp_path / "base"), FastRandLoraConfig(r=8, target_modules=targets))
+    assert type(ref.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"  # PEFT's bnb layer
+    _randomise(ref)
+    _copy_adapter(ref, ours)
+    _set_contraction(ours, path)
+    ref_loss, ref_grads = _loss_and_grads(ref)
+    loss, grads = _loss_and_grads(ours)
+    assert _paths(ours) == {path}
+    assert abs(float(loss - ref_loss)) < 1e-5 * float(ref_loss)
+    for name, g in ref_grads.items():
+        assert relative_error(grads[name], g) < 1e-4, name
+    # merge into the 4-bit weight = dequantize, add ΔW, re-quantize with the same settings: compared with bitsandbytes'
+    # own quantize/dequantize of the dense sum (4-bit rounding is the only loss; small ΔW entries round away)
+    import bitsandbytes as bnb
+
+    layer = ours.base_model.model.model.layers[0].mlp.down_proj
+    weight = layer.get_base_layer().weight
+
+    def requantized(dense):
+        packed, state = bnb.functional.quantize_4bit(
+            dense, blocksize=weight.blocksize, compress_statistics=weight.compress_statistics,
+            quant_type=weight.quant_type,
+        )
+        return bnb.functional.dequantize_4bit(packed, state)
+
+    original = layer._dense_base_weight().clone()
+    delta = layer.get_delta_weight("default")
+    x = torch.randn(4, layer.in_features, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        layer.merge()
+        merged_weight = layer._dense_base_weight()
+        assert type(layer.get_base_layer().weight).__name__ == "Params4bit"
+        assert torch.equal(merged_weight, requantized(original + delta))
+        assert relative_error(merged_weight, original + delta) < 0.15
+        assert torch.allclose(layer(x), x @ merged_weight.T, atol=1e-5)  # the layer really uses the new weight
+        layer.unmerge()
+        assert torch.equal(layer._dense_base_weight(), requantized(merged_weight - delta))

@@ -144,6 +144,10 @@ class _MergedRandLora(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, grad_lam, grad_gamma, None, None
 
 
+def _is_4bit(weight: torch.Tensor) -> bool:
+    return type(weight).__name__ == "Params4bit"
+
+
 class _BasisRef:
     """A plain (non-module) handle on the tuner's shared bases, so layers do not register them (no per-layer copy)."""
 
@@ -305,18 +309,45 @@ class Linear(nn.Module, FastRandLoraLayer):
         return result.to(previous_dtype)
 
     # ---- merging --------------------------------------------------------------------------------------------
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the active (or named) adapters' ΔW to the base weight (checked for NaN/inf first if ``safe_merge``)."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
+    def _dense_base_weight(self) -> torch.Tensor:
+        """The base weight as a dense fp32 (fp64 stays fp64) tensor; 4-bit bitsandbytes weights are dequantized."""
+        weight = self.get_base_layer().weight
+        if _is_4bit(weight):
+            import bitsandbytes as bnb
+
+            return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+        return weight.data.to(torch.promote_types(weight.dtype, torch.float32))
+
+    def _store_base_weight(self, dense: torch.Tensor) -> None:
+        """Write ``dense`` back into the base weight, re-quantizing (same 4-bit settings) where the base is 4-bit."""
         base = self.get_base_layer()
+        weight = base.weight
+        if _is_4bit(weight):
+            import bitsandbytes as bnb
+
+            requantized = bnb.nn.Params4bit(
+                dense.to("cpu"), requires_grad=False, blocksize=weight.blocksize,
+                compress_statistics=weight.compress_statistics, quant_type=weight.quant_type,
+                quant_storage=weight.quant_storage, module=base,
+            )
+            base.weight = requantized.to(weight.device)
+        else:
+            weight.data = dense.to(weight.dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the active (or named) adapters' ΔW to the base weight (checked for NaN/inf first if ``safe_merge``).
+
+        A 4-bit base is dequantized, updated and re-quantized, so merging it is exact only up to 4-bit rounding.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
         for adapter in adapter_names:
             if adapter not in self.randlora_lambda:
                 continue
             delta = self.get_delta_weight(adapter)
-            merged = base.weight.data.to(delta.dtype) + delta
+            merged = self._dense_base_weight().to(delta.dtype) + delta
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-            base.weight.data = merged.to(base.weight.dtype)
+            self._store_base_weight(merged)
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
@@ -324,12 +355,11 @@ class Linear(nn.Module, FastRandLoraLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        base = self.get_base_layer()
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             if adapter in self.randlora_lambda:
                 delta = self.get_delta_weight(adapter)
-                base.weight.data = (base.weight.data.to(delta.dtype) - delta).to(base.weight.dtype)
+                self._store_base_weight(self._dense_base_weight().to(delta.dtype) - delta)
 
     def __repr__(self) -> str:
         return "fast_randlora." + super().__repr__()
