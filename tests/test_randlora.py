@@ -363,3 +363,21 @@ def test_bnb_4bit_matches_peft_and_merges(tmp_path, path):
         assert torch.allclose(layer(x), x @ merged_weight.T, atol=1e-5)  # the layer really uses the new weight
         layer.unmerge()
         assert torch.equal(layer._dense_base_weight(), requantized(merged_weight - delta))
+
+
+def test_other_load_paths(tmp_path):
+    """low_cpu_mem_usage loading, transformers' own load_adapter, and a second adapter loaded from disk."""
+    _, ours = _pair(target_modules=["q_proj", "down_proj"])
+    ours.eval()
+    with torch.no_grad():
+        expected = ours(input_ids=IDS).logits
+    ours.save_pretrained(tmp_path / "a")
+    lazy = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a", low_cpu_mem_usage=True).eval()
+    plain = tiny_llama()
+    plain.load_adapter(str(tmp_path / "a"))
+    lazy.load_adapter(tmp_path / "a", adapter_name="second")
+    lazy.set_adapter("second")
+    with torch.no_grad():
+        assert torch.allclose(lazy(input_ids=IDS).logits, expected, atol=1e-6)
+        assert isinstance(plain.model.layers[0].self_attn.q_proj, FastRandLoraLayer)
+        assert torch.allclose(plain.eval()(input_ids=IDS).logits, expected, atol=1e-6)
