@@ -21,6 +21,7 @@ from hf_fisher.tuners.randlora import (  # noqa: E402
     FastRandLoraConfig,
     convert_from_peft_randlora,
     convert_to_peft_randlora,
+    initialize_fisher_basis,
 )
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "estimate_diagonal_fisher",
     "estimate_kfac",
     "fisher_weights",
+    "initialize_fisher_basis",
     "initialize_lora_fwsvd",
     "load_compressed_model",
     "load_default_model",

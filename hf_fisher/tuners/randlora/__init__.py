@@ -12,6 +12,7 @@ from peft import mapping as _peft_mapping
 
 from hf_fisher.tuners.randlora.config import FastRandLoraConfig, HfFisherPeftType
 from hf_fisher.tuners.randlora.convert import convert_from_peft_randlora, convert_to_peft_randlora
+from hf_fisher.tuners.randlora.fisher_basis import initialize_fisher_basis
 from hf_fisher.tuners.randlora.layer import FastRandLoraLayer, contraction_costs
 from hf_fisher.tuners.randlora.model import FastRandLoraModel, generate_bases
 
@@ -35,4 +36,5 @@ __all__ = [
     "convert_from_peft_randlora",
     "convert_to_peft_randlora",
     "generate_bases",
+    "initialize_fisher_basis",
 ]

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from peft import RandLoraConfig
 
 CONTRACTIONS = ("auto", "merged", "per_token")
+BASES = ("random", "fisher")
 
 
 class HfFisherPeftType(enum.StrEnum):
@@ -47,6 +48,17 @@ class FastRandLoraConfig(RandLoraConfig):
         },
     )
 
+    basis: str = field(
+        default="random",
+        metadata={
+            "help": (
+                "'random': PEFT RandLoRA's bases (vanilla-compatible). 'fisher': the update diag(u) ΔW diag(v) with "
+                "u, v the square-root row/column Fisher weights of each layer (set by initialize_fisher_basis); not "
+                "PEFT's math, so such adapters load only with hf_fisher."
+            )
+        },
+    )
+
     def __post_init__(self) -> None:
         with warnings.catch_warnings():
             # PEFT warns when the bases are not saved; ours are regenerated bit-exactly from a CPU generator.
@@ -55,6 +67,8 @@ class FastRandLoraConfig(RandLoraConfig):
         self.peft_type = HfFisherPeftType.FAST_RANDLORA
         if self.contraction not in CONTRACTIONS:
             raise ValueError(f"contraction must be one of {CONTRACTIONS}, got {self.contraction!r}.")
+        if self.basis not in BASES:
+            raise ValueError(f"basis must be one of {BASES}, got {self.basis!r}.")
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r!r}.")
         if self.sparse and self.very_sparse:

@@ -97,11 +97,18 @@ def convert_to_peft_randlora(adapter_dir: str | os.PathLike, output_dir: str | o
     """
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     config_dict, tensors = _read(adapter_dir, HfFisherPeftType.FAST_RANDLORA.value)
+    if config_dict.get("basis", "random") != "random":
+        raise ValueError(
+            f"{str(adapter_dir)!r} uses basis={config_dict.get('basis')!r}: its update diag(u) ΔW diag(v) is not PEFT "
+            "RandLoRA's function, so vanilla PEFT cannot load it. Load it with hf_fisher (PeftModel.from_pretrained "
+            "after `import hf_fisher`), or merge it into the base weights (merge_and_unload) and share those."
+        )
     fast = FastRandLoraConfig(**_fields(config_dict))
     tensors = _check_bases_and_drop(fast, tensors)
     vanilla = fast.to_randlora()
     vanilla.save_projection = False
-    out = {k: v for k, v in config_dict.items() if k not in ("contraction",)}
+    ours_only = set(FastRandLoraConfig.__dataclass_fields__) - set(type(vanilla).__dataclass_fields__)
+    out = {k: v for k, v in config_dict.items() if k not in ours_only}
     out.update({"peft_type": "RANDLORA", "save_projection": False})
     for key in ("auto_mapping", "base_model_name_or_path", "revision", "task_type"):
         if key in config_dict:

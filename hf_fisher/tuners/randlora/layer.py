@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -87,14 +88,27 @@ def _accumulation_dtype(lam: torch.Tensor) -> torch.dtype:
 
 def dense_update(
     basis_a: torch.Tensor, flat_b: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor, scaling: float,
-    input_is_small: bool,
+    input_is_small: bool, row_scale: torch.Tensor | None = None, col_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``ΔW`` (out × in) in fp32 (fp64 if λ is fp64) from the layer's sliced bases and its λ, γ."""
+    """``ΔW`` (out × in) in fp32 (fp64 if λ is fp64) from the layer's sliced bases and its λ, γ.
+
+    ``row_scale`` (out) and ``col_scale`` (in), used by ``basis="fisher"``, give ``diag(u) ΔW diag(v)``.
+    """
     dtype = _accumulation_dtype(lam)
     s = _scale(basis_a.to(dtype), lam.to(dtype), gamma.to(dtype))
     product = flat_b.to(dtype) @ s  # (D, d)
     product = product if input_is_small else product.T
-    return product.mul_(scaling)
+    product.mul_(scaling)
+    return _apply_scales(product, row_scale, col_scale)
+
+
+def _apply_scales(matrix: torch.Tensor, row: torch.Tensor | None, col: torch.Tensor | None) -> torch.Tensor:
+    """``diag(row) · matrix · diag(col)`` in place (either may be None)."""
+    if row is not None:
+        matrix.mul_(row.to(matrix.dtype)[:, None])
+    if col is not None:
+        matrix.mul_(col.to(matrix.dtype)[None, :])
+    return matrix
 
 
 class _MergedRandLora(torch.autograd.Function):
@@ -108,21 +122,22 @@ class _MergedRandLora(torch.autograd.Function):
     def forward(
         ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, basis_a: torch.Tensor,
         flat_b: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor, scaling: float, input_is_small: bool,
+        row_scale: torch.Tensor | None = None, col_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        delta = dense_update(basis_a, flat_b, lam, gamma, scaling, input_is_small)
+        delta = dense_update(basis_a, flat_b, lam, gamma, scaling, input_is_small, row_scale, col_scale)
         matrix = delta if weight is None else delta.add_(weight)
         out = F.linear(x, matrix.to(x.dtype), bias if weight is not None else None)
-        ctx.save_for_backward(x, weight, basis_a, flat_b, lam, gamma)
+        ctx.save_for_backward(x, weight, basis_a, flat_b, lam, gamma, row_scale, col_scale)
         ctx.scaling, ctx.input_is_small, ctx.has_bias = scaling, input_is_small, bias is not None
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):
-        x, weight, basis_a, flat_b, lam, gamma = ctx.saved_tensors
+        x, weight, basis_a, flat_b, lam, gamma, row_scale, col_scale = ctx.saved_tensors
         needs = ctx.needs_input_grad
         grad_x = grad_weight = grad_bias = grad_lam = grad_gamma = None
         if needs[0]:
-            matrix = dense_update(basis_a, flat_b, lam, gamma, ctx.scaling, ctx.input_is_small)
+            matrix = dense_update(basis_a, flat_b, lam, gamma, ctx.scaling, ctx.input_is_small, row_scale, col_scale)
             if weight is not None:
                 matrix.add_(weight)
             grad_x = grad_out @ matrix.to(grad_out.dtype)
@@ -134,14 +149,14 @@ class _MergedRandLora(torch.autograd.Function):
                 grad_weight = grad_delta.to(weight.dtype)
             if needs[5] or needs[6]:
                 dtype = _accumulation_dtype(lam)
-                gd = grad_delta.to(dtype)
+                gd = _apply_scales(grad_delta.to(dtype, copy=True), row_scale, col_scale)
                 gd = gd if ctx.input_is_small else gd.T  # (D, d)
                 grad_s = (flat_b.to(dtype).T @ gd).mul_(ctx.scaling)  # (R, d)
                 grad_lam, grad_gamma = _scale_backward(grad_s, basis_a.to(dtype), lam.to(dtype), gamma.to(dtype))
                 grad_lam, grad_gamma = grad_lam.to(lam.dtype), grad_gamma.to(gamma.dtype)
         if needs[2] and ctx.has_bias:
             grad_bias = g2.sum(0)
-        return grad_x, grad_weight, grad_bias, None, None, grad_lam, grad_gamma, None, None
+        return grad_x, grad_weight, grad_bias, None, None, grad_lam, grad_gamma, None, None, None, None
 
 
 def _is_4bit(weight: torch.Tensor) -> bool:
@@ -162,7 +177,9 @@ class FastRandLoraLayer(BaseTunerLayer):
     """Adapter state of one layer: λ, γ per adapter (trainable), a reference to the shared bases (not stored here)."""
 
     adapter_layer_names = ("randlora_lambda", "randlora_gamma")
-    other_param_names = ("r", "scaling", "randlora_dropout", "num_bases", "contraction")
+    other_param_names = (
+        "r", "scaling", "randlora_dropout", "num_bases", "contraction", "randlora_row_scale", "randlora_col_scale",
+    )
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -173,6 +190,9 @@ class FastRandLoraLayer(BaseTunerLayer):
         self.randlora_dropout = nn.ModuleDict({})
         self.randlora_lambda = nn.ParameterDict({})
         self.randlora_gamma = nn.ParameterDict({})
+        # basis="fisher" only: fixed per-layer row (out) and column (in) scales, saved with the adapter
+        self.randlora_row_scale = BufferDict({}, persistent=True)
+        self.randlora_col_scale = BufferDict({}, persistent=True)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.last_contraction: str | None = None  # which path the last forward took (for tests and benchmarks)
@@ -212,6 +232,9 @@ class FastRandLoraLayer(BaseTunerLayer):
         if config.init_weights:
             with torch.no_grad():
                 self.randlora_lambda[adapter_name].zero_()
+        if getattr(config, "basis", "random") == "fisher":  # identity until initialize_fisher_basis sets them
+            self.randlora_row_scale[adapter_name] = torch.ones(self.out_features)
+            self.randlora_col_scale[adapter_name] = torch.ones(self.in_features)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -222,6 +245,12 @@ class FastRandLoraLayer(BaseTunerLayer):
         a, b = _sliced_bases(basis_a, basis_b, small, large, self.num_bases[adapter])
         return a.to(device), b.to(device)
 
+    def _scales(self, adapter: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(row, column) scales of a ``basis="fisher"`` adapter, else (None, None)."""
+        if adapter in self.randlora_row_scale:
+            return self.randlora_row_scale[adapter], self.randlora_col_scale[adapter]
+        return None, None
+
     @property
     def _input_is_small(self) -> bool:
         return self.in_features <= self.out_features
@@ -230,7 +259,7 @@ class FastRandLoraLayer(BaseTunerLayer):
         """ΔW in the base weight's layout (transposed for GPT-2's Conv1D), computed in fp32."""
         lam, gamma = self.randlora_lambda[adapter], self.randlora_gamma[adapter]
         a, b = self._layer_bases(adapter, lam.device)
-        delta = dense_update(a, b, lam, gamma, self.scaling[adapter], self._input_is_small)
+        delta = dense_update(a, b, lam, gamma, self.scaling[adapter], self._input_is_small, *self._scales(adapter))
         return delta.T if getattr(self, "fan_in_fan_out", False) else delta
 
     def choose_contraction(self, adapter: str, tokens: int, *, grad: bool, fold: bool) -> str:
@@ -289,19 +318,25 @@ class Linear(nn.Module, FastRandLoraLayer):
             paths.append(path)
             a, b = self._layer_bases(adapter, x.device)
             scaling, small_in = self.scaling[adapter], self._input_is_small
+            row, col = self._scales(adapter)
             if path == "merged":
+                args_ = (a, b, lam, gamma, scaling, small_in, row, col)
                 if fold:
                     base = self.get_base_layer()
-                    result = _MergedRandLora.apply(x, base.weight, base.bias, a, b, lam, gamma, scaling, small_in)
+                    result = _MergedRandLora.apply(x, base.weight, base.bias, *args_)
                     continue
-                delta = _MergedRandLora.apply(x.to(compute_dtype), None, None, a, b, lam, gamma, scaling, small_in)
+                delta = _MergedRandLora.apply(x.to(compute_dtype), None, None, *args_)
             else:
                 s = _ScaledBasis.apply(a.to(lam.dtype), lam, gamma).to(compute_dtype)
                 h = self.randlora_dropout[adapter](x.to(compute_dtype))
+                if col is not None:
+                    h = h * col.to(compute_dtype)
                 if small_in:
                     delta = F.linear(F.linear(h, s), b.to(compute_dtype)) * scaling
                 else:
                     delta = F.linear(F.linear(h, b.T.to(compute_dtype)), s.T) * scaling
+                if row is not None:
+                    delta = delta * row.to(compute_dtype)
             if result is None:
                 result = self.base_layer(x, *args, **kwargs)
             result = result + delta
