@@ -16,7 +16,7 @@ alpha=640), all on the 7 projections of every block; ``peft_rl_qv`` / ``fast_rl_
 Llama, q_proj and v_proj). Full fine-tuning is left out of the timed set (this shared 2-core machine has no memory or
 time to spare for it); the memory part covers lora32, peft_rl and fast_rl.
 
-Run: ``python benchmarks/randlora.py [--part speed|memory|files|finetune|all] [--threads 1]``;
+Run: ``python benchmarks/randlora.py [--part speed|memory|files|finetune|fisher|all] [--threads 1]``;
 writes benchmarks/results/randlora.md (each part fills its own section of the file).
 """
 
@@ -342,6 +342,50 @@ def finetune_part(base, tokenizer, steps: int) -> str:
     )
 
 
+# ---- Fisher-shaped bases vs random bases ----------------------------------------------------------------------
+def fisher_part(base, tokenizer, steps: int) -> str:
+    """Same task, steps, data and learning rate: RandLoRA with random bases vs basis="fisher" (Fisher on the task)."""
+    from peft import get_peft_model
+
+    from hf_fisher import estimate_diagonal_fisher, initialize_fisher_basis
+
+    def shakespeare(split: str, n: int) -> list[dict[str, torch.Tensor]]:
+        data = pack_for_causal_lm(load_text_corpus("shakespeare")[split], tokenizer, seq_len=128, max_sequences=8 * n)
+        keys = ("input_ids", "attention_mask", "labels")
+        return [{k: torch.stack([data[i][k] for i in range(s, s + 8)]) for k in keys} for s in range(0, 8 * n, 8)]
+
+    train, heldout = shakespeare("train", steps + 4), shakespeare("heldout", 2)
+    fisher_data, train = train[:4], train[4:]
+    start = time.perf_counter()
+    fisher = estimate_diagonal_fisher(base, fisher_data, target_modules=ALL_LINEAR)
+    fisher_s = time.perf_counter() - start
+    models = {}
+    for basis in ("random", "fisher"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            models[basis] = get_peft_model(
+                copy.deepcopy(base), FastRandLoraConfig(r=32, target_modules=ALL_LINEAR, basis=basis)
+            ).train()
+    initialize_fisher_basis(models["fisher"], fisher)
+    opts = {k: optimizer(m) for k, m in models.items()}
+    before = heldout_loss(models["random"], heldout)
+    curves: dict[str, list[float]] = {k: [] for k in models}
+    for i, batch in enumerate(train):
+        for basis in (("random", "fisher") if i % 2 == 0 else ("fisher", "random")):
+            curves[basis].append(step(models[basis], opts[basis], batch))
+        print("fisher", i, {k: round(v[-1], 4) for k, v in curves.items()}, flush=True)
+    after = {k: heldout_loss(m, heldout) for k, m in models.items()}
+    lines = ["| bases | train loss, first step | train loss, last step | held-out loss after |", "|---|---|---|---|"]
+    for basis in models:
+        lines.append(f"| {basis} | {curves[basis][0]:.4f} | {curves[basis][-1]:.4f} | {after[basis]:.4f} |")
+    return (
+        "Task: Shakespeare (domain adaptation), 8 × 128-token batches; diagonal Fisher (empirical, per sequence) of "
+        f"the 7 projections on 4 training batches not used for training ({fisher_s:.0f} s). Held-out loss before "
+        f"training: {before:.4f}. One seed, {len(train)} steps: a smoke test of the idea, not evidence either way.\n\n"
+        + "\n".join(lines) + "\n"
+    )
+
+
 # ---- results file ----------------------------------------------------------------------------------------------
 def write_section(title: str, body: str, conditions: str) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -362,11 +406,12 @@ def write_section(title: str, body: str, conditions: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="all", choices=["speed", "memory", "files", "finetune", "all"])
+    parser.add_argument("--part", default="all", choices=["speed", "memory", "files", "finetune", "fisher", "all"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds-128", type=int, default=3)
     parser.add_argument("--rounds-512", type=int, default=2)
     parser.add_argument("--finetune-steps", type=int, default=8)
+    parser.add_argument("--fisher-steps", type=int, default=8)
     parser.add_argument("--memory-one", nargs=2, metavar=("CONFIG", "SEQ_LEN"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
