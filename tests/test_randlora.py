@@ -381,3 +381,44 @@ def test_other_load_paths(tmp_path):
         assert torch.allclose(lazy(input_ids=IDS).logits, expected, atol=1e-6)
         assert isinstance(plain.model.layers[0].self_attn.q_proj, FastRandLoraLayer)
         assert torch.allclose(plain.eval()(input_ids=IDS).logits, expected, atol=1e-6)
+
+
+class _TwoLinear(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(12, 20), torch.nn.Linear(20, 12)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("path", ["per_token", "merged"])
+def test_biased_linear_input_and_bias_gradients_equal_peft(path):
+    """The folded path computes x (W + ΔW)ᵀ + b itself: input, bias (bias='all') and λ, γ gradients as PEFT's."""
+    torch.manual_seed(0)
+    base = _TwoLinear()
+    ref = get_peft_model(_copy(base), RandLoraConfig(r=4, target_modules=["a", "b"], bias="all"))
+    config = FastRandLoraConfig(r=4, target_modules=["a", "b"], bias="all", contraction=path)
+    ours = get_peft_model(_copy(base), config)
+    _randomise(ref)
+    _copy_adapter(ref, ours)
+    x = torch.randn(7, 12, requires_grad=True, generator=torch.Generator().manual_seed(4))
+    results = []
+    for model in (ref, ours):
+        x.grad = None
+        y = model(x)
+        y.pow(2).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results.append((y.detach(), x.grad.clone(), grads))
+    assert ours.base_model.model.a.last_contraction == path
+    assert relative_error(results[1][0], results[0][0]) < 1e-6
+    assert relative_error(results[1][1], results[0][1]) < 1e-5
+    assert any("bias" in n for n in results[0][2]) and set(results[0][2]) == set(results[1][2])
+    for name, g in results[0][2].items():
+        assert relative_error(results[1][2][name], g) < 1e-5, name
+
+
+def _copy(module):
+    import copy
+
+    return copy.deepcopy(module)
