@@ -13,8 +13,8 @@ Parts (all on SmolLM2-135M-Instruct, fp32, packed lee_background text, AdamW):
 
 Configurations: ``lora32`` (LoRA r=32, alpha=64), ``peft_rl`` / ``fast_rl`` (RandLoRA r=32, PEFT's defaults otherwise,
 alpha=640), all on the 7 projections of every block; ``peft_rl_qv`` / ``fast_rl_qv`` (PEFT's default target modules for
-Llama, q_proj and v_proj). Full fine-tuning is left out of the timed set (this shared 2-core machine has no memory or
-time to spare for it); the memory part covers lora32, peft_rl and fast_rl.
+Llama, q_proj and v_proj). Full fine-tuning is left out (this shared 2-core machine has no memory or time to spare
+for it); at 8 × 512 tokens and in the memory part only lora32, peft_rl and fast_rl run, for the same reason.
 
 Run: ``python benchmarks/randlora.py [--part speed|memory|files|finetune|fisher|all] [--threads 1]``;
 writes benchmarks/results/randlora.md (each part fills its own section of the file).
@@ -154,21 +154,22 @@ def speed_part(base, tokenizer, rounds: dict[int, int]) -> str:
     ]
     path_lines = []
     for seq_len, n_rounds in rounds.items():
+        configs = CONFIGS if seq_len == 128 else MEMORY_CONFIGS  # 8 × 512: the 7-projection configurations only
         data = batches(tokenizer, seq_len, 1)[0]
-        models = {name: build(name, base) for name in CONFIGS}
+        models = {name: build(name, base) for name in configs}
         opts = {name: optimizer(m) for name, m in models.items()}
-        for name in CONFIGS:  # warm-up (allocations, optimizer state)
+        for name in configs:  # warm-up (allocations, optimizer state)
             step(models[name], opts[name], data)
-        times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+        times: dict[str, list[float]] = {name: [] for name in configs}
         for i in range(n_rounds):
-            order = CONFIGS[i % len(CONFIGS) :] + CONFIGS[: i % len(CONFIGS)]
+            order = configs[i % len(configs) :] + configs[: i % len(configs)]
             for name in order:
                 start = time.perf_counter()
                 step(models[name], opts[name], data)
                 times[name].append(time.perf_counter() - start)
             print(seq_len, i, {k: round(v[-1], 2) for k, v in times.items()}, flush=True)
         med = {k: statistics.median(v) for k, v in times.items()}
-        for name in CONFIGS:
+        for name in configs:
             ref = {"fast_rl": "peft_rl", "fast_rl_qv": "peft_rl_qv"}.get(name)
             vs_peft = f"{med[name] / med[ref]:.2f}×" if ref else ""
             lines.append(
@@ -183,6 +184,8 @@ def speed_part(base, tokenizer, rounds: dict[int, int]) -> str:
             (ALL_LINEAR, "peft_rl", "fast_rl"),
             (["q_proj", "v_proj"], "peft_rl_qv", "fast_rl_qv"),
         ):
+            if fast_name not in med:
+                continue
             a = adapter_macs(shapes, tokens, 32, targets)
             predicted = (base_cost + a["fast"]) / (base_cost + a["peft"])
             flop_lines.append(
@@ -408,9 +411,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", default="all", choices=["speed", "memory", "files", "finetune", "fisher", "all"])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds-128", type=int, default=3)
-    parser.add_argument("--rounds-512", type=int, default=2)
-    parser.add_argument("--finetune-steps", type=int, default=8)
+    parser.add_argument("--rounds-128", type=int, default=2)
+    parser.add_argument("--rounds-512", type=int, default=1)
+    parser.add_argument("--finetune-steps", type=int, default=6)
     parser.add_argument("--fisher-steps", type=int, default=8)
     parser.add_argument("--memory-one", nargs=2, metavar=("CONFIG", "SEQ_LEN"))
     args = parser.parse_args()
