@@ -207,18 +207,20 @@ def test_save_load_ours_and_to_vanilla_in_fresh_process(tmp_path):
 
     convert_to_peft_randlora(tmp_path / "fast", tmp_path / "vanilla")
     assert json.loads((tmp_path / "vanilla" / "adapter_config.json").read_text())["peft_type"] == "RANDLORA"
-    out = tmp_path / "logits.pt"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "scripts" / "load_vanilla_randlora.py"), str(tmp_path / "vanilla"),
-         str(out)], cwd=ROOT, env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                                   "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Found missing adapter keys" not in result.stderr and "unexpected" not in result.stderr.lower()
-    got = torch.load(out)
-    assert torch.allclose(got["logits"], expected, atol=1e-5)
-    assert torch.allclose(got["merged"], expected, atol=1e-5)
+    # fresh processes: vanilla PEFT (hf_fisher never imported) on the converted folder, hf_fisher on ours
+    for folder, extra in ((tmp_path / "vanilla", []), (tmp_path / "fast", ["--hf-fisher"])):
+        out = tmp_path / f"logits_{folder.name}.pt"
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "tests" / "scripts" / "load_vanilla_randlora.py"), str(folder), str(out),
+             *extra], cwd=ROOT, env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                                     "PATH": "/usr/bin:/bin"},
+            capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "Found missing adapter keys" not in result.stderr and "unexpected" not in result.stderr.lower()
+        got = torch.load(out)
+        assert torch.allclose(got["logits"], expected, atol=1e-5)
+        assert torch.allclose(got["merged"], expected, atol=1e-5)
 
 
 def test_peft_adapter_loads_into_ours(tmp_path):
@@ -258,6 +260,17 @@ def test_save_projection_saves_bases_once(tmp_path):
     assert sum(k.endswith("randlora_A") for k in keys) == 1 and "base_model.randlora_A" in keys
     reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a")
     assert torch.equal(reloaded.base_model.randlora_B.default, ours.base_model.randlora_B.default)
+
+
+def test_safe_merge_refuses_non_finite_update():
+    _, ours = _pair(target_modules=["q_proj"])
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    before = layer.get_base_layer().weight.detach().clone()
+    with torch.no_grad():
+        layer.randlora_lambda["default"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaNs detected"):
+        layer.merge(safe_merge=True)
+    assert torch.equal(layer.get_base_layer().weight, before) and not layer.merged
 
 
 def _state(model) -> dict[str, torch.Tensor]:
