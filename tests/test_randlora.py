@@ -304,6 +304,8 @@ def test_bad_second_adapter_and_config_values():
     assert set(ours.base_model.randlora_A._buffers) == {"default"}
     with pytest.raises(ValueError, match="contraction must be one of"):
         FastRandLoraConfig(contraction="fast")
+    with pytest.raises(ValueError, match="cannot apply randlora_dropout"):
+        FastRandLoraConfig(contraction="merged", randlora_dropout=0.1)
 
 
 @pytest.mark.parametrize("path", ["per_token", "merged"])
@@ -435,3 +437,18 @@ def _copy(module):
     import copy
 
     return copy.deepcopy(module)
+
+
+def test_dropout_forces_per_token_while_training():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = get_peft_model(tiny_llama(), FastRandLoraConfig(r=8, target_modules=["q_proj"], randlora_dropout=0.1,
+                                                               contraction="auto"))
+    ids = torch.randint(1, 96, (8, 50), generator=torch.Generator().manual_seed(2))  # many tokens: merged is cheaper
+    ours.train()
+    _loss_and_grads(ours, ids)
+    assert _paths(ours) == {"per_token"}
+    ours.eval()
+    with torch.no_grad():
+        ours(input_ids=ids)
+    assert _paths(ours) == {"merged"}

@@ -67,6 +67,12 @@ class FastRandLoraConfig(RandLoraConfig):
         self.peft_type = HfFisherPeftType.FAST_RANDLORA
         if self.contraction not in CONTRACTIONS:
             raise ValueError(f"contraction must be one of {CONTRACTIONS}, got {self.contraction!r}.")
+        if self.contraction == "merged" and self.randlora_dropout > 0:
+            raise ValueError(
+                "contraction='merged' cannot apply randlora_dropout (dropout acts on the adapter's input only, which "
+                "the dense W + ΔW form does not have). Use contraction='auto' (per-token while dropout is active) or "
+                "randlora_dropout=0."
+            )
         if self.basis not in BASES:
             raise ValueError(f"basis must be one of {BASES}, got {self.basis!r}.")
         if not isinstance(self.r, int) or self.r <= 0:
