@@ -140,16 +140,17 @@ def base_macs(model, shapes, tokens: int, seq_len: int) -> int:
 
 
 # ---- speed -----------------------------------------------------------------------------------------------------
-def speed_part(base, tokenizer, rounds: dict[int, int]) -> str:
+def speed_part(base, tokenizer, rounds: dict[int, int], conditions: str) -> None:
+    """Writes its section after each batch size, so a run cut short still leaves what it measured."""
     shapes = linear_shapes(base)
     lines = [
-        "| batch | config | trainable params | step time (s, median) | min | vs PEFT RandLoRA (same targets) "
-        "| vs LoRA r=32 |",
-        "|---|---|---|---|---|---|---|",
+        "| batch | config | trainable params | CPU s/step (median) | wall s/step (median) | CPU vs PEFT RandLoRA "
+        "(same targets) | wall vs PEFT RandLoRA | CPU vs LoRA r=32 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     flop_lines = [
         "| batch | targets | base step (GMAC, approx.) | PEFT adapter (GMAC) | ours (GMAC) | ours/PEFT adapter | "
-        "predicted step ratio | measured step ratio |",
+        "predicted step ratio | measured step ratio (CPU) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     path_lines = []
@@ -161,19 +162,22 @@ def speed_part(base, tokenizer, rounds: dict[int, int]) -> str:
         for name in configs:  # warm-up (allocations, optimizer state)
             step(models[name], opts[name], data)
         times: dict[str, list[float]] = {name: [] for name in configs}
+        cpu: dict[str, list[float]] = {name: [] for name in configs}
         for i in range(n_rounds):
             order = configs[i % len(configs) :] + configs[: i % len(configs)]
             for name in order:
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 step(models[name], opts[name], data)
+                cpu[name].append(time.process_time() - start_cpu)
                 times[name].append(time.perf_counter() - start)
-            print(seq_len, i, {k: round(v[-1], 2) for k, v in times.items()}, flush=True)
-        med = {k: statistics.median(v) for k, v in times.items()}
+            print(seq_len, i, {k: (round(v[-1], 2), round(cpu[k][-1], 2)) for k, v in times.items()}, flush=True)
+        wall = {k: statistics.median(v) for k, v in times.items()}
+        med = {k: statistics.median(v) for k, v in cpu.items()}
         for name in configs:
             ref = {"fast_rl": "peft_rl", "fast_rl_qv": "peft_rl_qv"}.get(name)
-            vs_peft = f"{med[name] / med[ref]:.2f}×" if ref else ""
+            vs_peft = f"{med[name] / med[ref]:.2f}× | {wall[name] / wall[ref]:.2f}×" if ref else " | "
             lines.append(
-                f"| 8 × {seq_len} | {name} | {trainable(models[name]):,} | {med[name]:.2f} | {min(times[name]):.2f} | "
+                f"| 8 × {seq_len} | {name} | {trainable(models[name]):,} | {med[name]:.2f} | {wall[name]:.2f} | "
                 f"{vs_peft} | {med[name] / med['lora32']:.2f}× |"
             )
         paths = sorted({m.last_contraction for m in models["fast_rl"].modules() if isinstance(m, FastRandLoraLayer)})
@@ -194,8 +198,18 @@ def speed_part(base, tokenizer, rounds: dict[int, int]) -> str:
                 f"{med[fast_name] / med[peft_name]:.2f} |"
             )
         del models, opts
+        write_section("Step time", _speed_text(lines, path_lines, flop_lines, rounds), conditions)
+
+
+def _speed_text(lines: list[str], path_lines: list[str], flop_lines: list[str], rounds: dict[int, int]) -> str:
+    note = (
+        f"Medians over {rounds[128]} interleaved rounds at 8 × 128 and {rounds[512]} at 8 × 512, after one warm-up "
+        "step each. CPU s/step is the process's CPU time (one compute thread), far less sensitive to the other jobs "
+        "on the machine than wall time; the ratios use it.\n\n"
+    )
     return (
-        "\n".join(lines)
+        note
+        + "\n".join(lines)
         + "\n\n"
         + "\n".join(path_lines)
         + "\n\nMultiply-add counts (one training step):\n\n"
@@ -322,9 +336,9 @@ def finetune_part(base, tokenizer, steps: int) -> str:
     times: dict[str, list[float]] = {name: [] for name in models}
     for i, batch in enumerate(train):
         for name in ("peft_rl", "fast_rl") if i % 2 == 0 else ("fast_rl", "peft_rl"):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             curves[name].append(step(models[name], opts[name], batch))
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(time.process_time() - t0)
         print("finetune", i, {k: round(v[-1], 4) for k, v in curves.items()}, flush=True)
     end = {name: heldout_loss(m, heldout) for name, m in models.items()}
     lam = {
@@ -340,8 +354,9 @@ def finetune_part(base, tokenizer, steps: int) -> str:
         + f"\n\nHeld-out loss (2 × 8 × 128 lee_background tokens): before {start['peft_rl']:.4f} / "
         f"{start['fast_rl']:.4f}, after {end['peft_rl']:.4f} (PEFT) / {end['fast_rl']:.4f} (ours). "
         "Relative difference of the trained λ, γ after "
-        f"{steps} steps: {drift:.1e}. Median step time in this run: PEFT {statistics.median(times['peft_rl']):.2f} s, "
-        f"ours {statistics.median(times['fast_rl']):.2f} s.\n"
+        f"{steps} steps: {drift:.1e}. Median CPU time per step in this run (interleaved, same batches): "
+        f"PEFT {statistics.median(times['peft_rl']):.2f} s, ours {statistics.median(times['fast_rl']):.2f} s "
+        f"({statistics.median(times['fast_rl']) / statistics.median(times['peft_rl']):.2f}×).\n"
     )
 
 
@@ -433,8 +448,7 @@ def main() -> None:
     if args.part in ("files", "all"):
         write_section("Adapter files", files_part(base), conditions)
     if args.part in ("speed", "all"):
-        rounds = {128: args.rounds_128, 512: args.rounds_512}
-        write_section("Step time", speed_part(base, tokenizer, rounds), conditions)
+        speed_part(base, tokenizer, {128: args.rounds_128, 512: args.rounds_512}, conditions)
     if args.part in ("memory", "all"):
         write_section("Peak memory", memory_part(args.threads), conditions)
     if args.part in ("finetune", "all"):
