@@ -140,7 +140,9 @@ def base_macs(model, shapes, tokens: int, seq_len: int) -> int:
 
 
 # ---- speed -----------------------------------------------------------------------------------------------------
-def speed_part(base, tokenizer, rounds: dict[int, int], conditions: str) -> None:
+def speed_part(
+    base, tokenizer, rounds: dict[int, int], conditions: str, speed_configs: dict[int, list[str]], title: str
+) -> None:
     """Writes its section after each batch size, so a run cut short still leaves what it measured."""
     shapes = linear_shapes(base)
     lines = [
@@ -155,7 +157,7 @@ def speed_part(base, tokenizer, rounds: dict[int, int], conditions: str) -> None
     ]
     path_lines = []
     for seq_len, n_rounds in rounds.items():
-        configs = CONFIGS if seq_len == 128 else MEMORY_CONFIGS  # 8 × 512: the 7-projection configurations only
+        configs = speed_configs[seq_len]
         data = batches(tokenizer, seq_len, 1)[0]
         models = {name: build(name, base) for name in configs}
         opts = {name: optimizer(m) for name, m in models.items()}
@@ -178,7 +180,7 @@ def speed_part(base, tokenizer, rounds: dict[int, int], conditions: str) -> None
             vs_peft = f"{med[name] / med[ref]:.2f}× | {wall[name] / wall[ref]:.2f}×" if ref else " | "
             lines.append(
                 f"| 8 × {seq_len} | {name} | {trainable(models[name]):,} | {med[name]:.2f} | {wall[name]:.2f} | "
-                f"{vs_peft} | {med[name] / med['lora32']:.2f}× |"
+                f"{vs_peft} | {f'{med[name] / med["lora32"]:.2f}×' if 'lora32' in med else ''} |"
             )
         paths = sorted({m.last_contraction for m in models["fast_rl"].modules() if isinstance(m, FastRandLoraLayer)})
         path_lines.append(f"- 8 × {seq_len}: `auto` chose {paths} for the 7-projection adapter.")
@@ -198,13 +200,14 @@ def speed_part(base, tokenizer, rounds: dict[int, int], conditions: str) -> None
                 f"{med[fast_name] / med[peft_name]:.2f} |"
             )
         del models, opts
-        write_section("Step time", _speed_text(lines, path_lines, flop_lines, rounds), conditions)
+        write_section(title, _speed_text(lines, path_lines, flop_lines, rounds), conditions)
 
 
 def _speed_text(lines: list[str], path_lines: list[str], flop_lines: list[str], rounds: dict[int, int]) -> str:
     note = (
-        f"Medians over {rounds[128]} interleaved rounds at 8 × 128 and {rounds[512]} at 8 × 512, after one warm-up "
-        "step each. CPU s/step is the process's CPU time (one compute thread), far less sensitive to the other jobs "
+        "Medians over " + ", ".join(f"{n} interleaved round(s) at 8 × {s}" for s, n in rounds.items())
+        + ", after one warm-up step each. CPU s/step is the process's CPU time (one compute thread), far less "
+        "sensitive to the other jobs "
         "on the machine than wall time; the ratios use it.\n\n"
     )
     return (
@@ -249,13 +252,14 @@ def memory_one(name: str, seq_len: int) -> dict:
     return {"peak_mb": (peak[0] - baseline) / 2**20}
 
 
-def memory_part(threads: int, conditions: str) -> None:
+def memory_part(threads: int, conditions: str, sizes: list[int]) -> None:
     """One fresh process per configuration; the section is rewritten after each measurement."""
     lines = [
         "| batch | config | peak step memory above the loaded model (MB) | vs PEFT RandLoRA |",
         "|---|---|---|---|",
     ]
     plan = {128: MEMORY_CONFIGS, 512: ["peft_rl", "fast_rl"]}  # 8 × 512: the comparison that matters, for time
+    plan = {size: names for size, names in plan.items() if size in sizes}
     for seq_len, names in plan.items():
         peaks = {}
         for name in names:
@@ -276,7 +280,8 @@ def memory_part(threads: int, conditions: str) -> None:
             ref = {"fast_rl": "peft_rl"}.get(name)
             ratio = f"{peaks[name] / peaks[ref]:.2f}×" if ref in peaks else ""
             lines.append(f"| 8 × {seq_len} | {name} | {peaks[name]:.0f} | {ratio} |")
-            write_section("Peak memory", "\n".join(lines) + "\n", conditions)
+            title = "Peak memory" + ("" if sizes == [128, 512] else ", " + " and ".join(f"8 × {s}" for s in sizes))
+            write_section(title, "\n".join(lines) + "\n", conditions)
 
 
 # ---- files -----------------------------------------------------------------------------------------------------
@@ -430,6 +435,9 @@ def main() -> None:
     parser.add_argument("--rounds-512", type=int, default=1)
     parser.add_argument("--finetune-steps", type=int, default=6)
     parser.add_argument("--fisher-steps", type=int, default=8)
+    parser.add_argument("--sizes", default="128,512", help="sequence lengths of the speed part (batch 8)")
+    parser.add_argument("--configs", default="", help="comma-separated configurations of the speed part")
+    parser.add_argument("--memory-sizes", default="128,512", help="sequence lengths of the memory part")
     parser.add_argument("--memory-one", nargs=2, metavar=("CONFIG", "SEQ_LEN"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -448,9 +456,14 @@ def main() -> None:
     if args.part in ("files", "all"):
         write_section("Adapter files", files_part(base), conditions)
     if args.part in ("speed", "all"):
-        speed_part(base, tokenizer, {128: args.rounds_128, 512: args.rounds_512}, conditions)
+        sizes = [int(x) for x in args.sizes.split(",")]
+        rounds = {size: {128: args.rounds_128, 512: args.rounds_512}[size] for size in sizes}
+        default = {128: CONFIGS, 512: MEMORY_CONFIGS}
+        chosen = {size: (args.configs.split(",") if args.configs else default[size]) for size in sizes}
+        title = "Step time" if sizes == [128, 512] else "Step time, " + " and ".join(f"8 × {s}" for s in sizes)
+        speed_part(base, tokenizer, rounds, conditions, chosen, title)
     if args.part in ("memory", "all"):
-        memory_part(args.threads, conditions)
+        memory_part(args.threads, conditions, [int(x) for x in args.memory_sizes.split(",")])
     if args.part in ("finetune", "all"):
         write_section(
             "Short fine-tune: PEFT RandLoRA vs ours", finetune_part(base, tokenizer, args.finetune_steps), conditions
