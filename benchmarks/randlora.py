@@ -178,9 +178,10 @@ def speed_part(
         for name in configs:
             ref = {"fast_rl": "peft_rl", "fast_rl_qv": "peft_rl_qv"}.get(name)
             vs_peft = f"{med[name] / med[ref]:.2f}× | {wall[name] / wall[ref]:.2f}×" if ref else " | "
+            vs_lora = f"{med[name] / med['lora32']:.2f}×" if "lora32" in med else ""
             lines.append(
                 f"| 8 × {seq_len} | {name} | {trainable(models[name]):,} | {med[name]:.2f} | {wall[name]:.2f} | "
-                f"{vs_peft} | {f'{med[name] / med["lora32"]:.2f}×' if 'lora32' in med else ''} |"
+                f"{vs_peft} | {vs_lora} |"
             )
         paths = sorted({m.last_contraction for m in models["fast_rl"].modules() if isinstance(m, FastRandLoraLayer)})
         path_lines.append(f"- 8 × {seq_len}: `auto` chose {paths} for the 7-projection adapter.")
