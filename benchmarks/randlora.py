@@ -437,6 +437,7 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=6)
     parser.add_argument("--fisher-steps", type=int, default=8)
     parser.add_argument("--sizes", default="128,512", help="sequence lengths of the speed part (batch 8)")
+    parser.add_argument("--layers", type=int, default=0, help="keep only the first N blocks (memory-limited runs)")
     parser.add_argument("--configs", default="", help="comma-separated configurations of the speed part")
     parser.add_argument("--memory-sizes", default="128,512", help="sequence lengths of the memory part")
     parser.add_argument("--memory-one", nargs=2, metavar=("CONFIG", "SEQ_LEN"))
@@ -454,6 +455,10 @@ def main() -> None:
     )
     base, tokenizer = load_default_model()
     base.requires_grad_(False)
+    if args.layers:
+        base.model.layers = base.model.layers[: args.layers]
+        base.config.num_hidden_layers = args.layers
+        conditions += f" Model truncated to its first {args.layers} of 30 blocks (same layer shapes; memory limits)."
     if args.part in ("files", "all"):
         write_section("Adapter files", files_part(base), conditions)
     if args.part in ("speed", "all"):
@@ -462,6 +467,7 @@ def main() -> None:
         default = {128: CONFIGS, 512: MEMORY_CONFIGS}
         chosen = {size: (args.configs.split(",") if args.configs else default[size]) for size in sizes}
         title = "Step time" if sizes == [128, 512] else "Step time, " + " and ".join(f"8 × {s}" for s in sizes)
+        title += f", first {args.layers} blocks" if args.layers else ""
         speed_part(base, tokenizer, rounds, conditions, chosen, title)
     if args.part in ("memory", "all"):
         memory_part(args.threads, conditions, [int(x) for x in args.memory_sizes.split(",")])
