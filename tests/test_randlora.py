@@ -452,3 +452,18 @@ def test_dropout_forces_per_token_while_training():
     with torch.no_grad():
         ours(input_ids=ids)
     assert _paths(ours) == {"merged"}
+
+
+def test_config_conversion_in_memory():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_config = RandLoraConfig(r=4, target_modules=["q_proj"], projection_prng_key=3, randlora_alpha=64,
+                                     sparse=True)
+    fast = FastRandLoraConfig.from_randlora(peft_config, contraction="per_token")
+    assert fast.peft_type == "FAST_RANDLORA" and fast.contraction == "per_token"
+    assert (fast.r, fast.projection_prng_key, fast.randlora_alpha, fast.sparse) == (4, 3, 64, True)
+    back = fast.to_randlora()
+    assert type(back) is RandLoraConfig and back.peft_type == "RANDLORA"
+    assert (back.r, back.projection_prng_key, back.randlora_alpha, back.sparse) == (4, 3, 64, True)
+    with pytest.raises(TypeError, match="Expected a peft.RandLoraConfig"):
+        FastRandLoraConfig.from_randlora({"r": 4})
