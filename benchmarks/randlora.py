@@ -475,6 +475,8 @@ def main() -> None:
         write_section(
             "Short fine-tune: PEFT RandLoRA vs ours", finetune_part(base, tokenizer, args.finetune_steps), conditions
         )
+    if args.part == "fisher":  # not part of "all": second priority, run on its own
+        write_section("basis='fisher' vs random bases", fisher_part(base, tokenizer, args.fisher_steps), conditions)
 
 
 if __name__ == "__main__":
