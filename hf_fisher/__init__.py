@@ -42,9 +42,16 @@ from hf_fisher.tuners.lqlora import (  # noqa: E402
     save_lqlora_model,
     solve_bit_allocation,
 )
+from hf_fisher.tuners.randlora import (  # noqa: E402
+    FastRandLoraConfig,
+    convert_from_peft_randlora,
+    convert_to_peft_randlora,
+    initialize_fisher_basis,
+)
 
 __all__ = [
     "DiagonalFisher",
+    "FastRandLoraConfig",
     "FisherTrainer",
     "FisherTrainingArguments",
     "KFACFactors",
@@ -57,6 +64,8 @@ __all__ = [
     "apply_unlearning_update",
     "build_fictitious_facts",
     "compress_fwsvd",
+    "convert_from_peft_randlora",
+    "convert_to_peft_randlora",
     "estimate_diagonal_fisher",
     "estimate_kfac",
     "evaluate_unlearning",
@@ -64,6 +73,7 @@ __all__ = [
     "export_dequantized",
     "fisher_merge",
     "fisher_weights",
+    "initialize_fisher_basis",
     "initialize_lora_fwsvd",
     "load_compressed_model",
     "load_default_model",

@@ -228,7 +228,8 @@ def test_save_load_in_a_fresh_process_and_dequantized_export(tmp_path):
     assert {c["config"]["bits"] for c in meta["layers"].values()} <= {2, 3, 4}
     out = _run(LOAD_SCRIPT, str(tmp_path / "saved"), str(tmp_path / "x.pt"), str(tmp_path / "y.pt"))
     assert "trainable 0" in out
-    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), want, atol=0, rtol=0)
+    # identical up to float reduction order (the two processes may run with different thread counts)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), want, atol=1e-6, rtol=1e-5)
     # In process, trainable, and it still trains.
     again = load_lqlora_model(tmp_path / "saved", is_trainable=True)
     assert any(p.requires_grad for p in again.parameters())
