@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -18,12 +17,9 @@ from hf_fisher.curvature.collect import (
     run_curvature_pass,
 )
 from hf_fisher.curvature.store import (
-    CurvatureEstimate,
     CurvatureMetadata,
-    check_shapes_against_model,
-    load_curvature,
+    TensorCurvatureEstimate,
     model_name_or_path,
-    save_curvature,
 )
 
 Reduction = Literal["sample", "batch"]
@@ -86,7 +82,7 @@ class _DiagonalCollector(CurvatureCollector):
         return self.sums
 
 
-class DiagonalFisher(CurvatureEstimate[torch.Tensor]):
+class DiagonalFisher(TensorCurvatureEstimate):
     """Diagonal Fisher information per parameter, indexable by parameter name.
 
     ``fisher["model.layers.0.mlp.down_proj.weight"]`` has the parameter's shape. Iterate with
@@ -94,6 +90,7 @@ class DiagonalFisher(CurvatureEstimate[torch.Tensor]):
     """
 
     FILENAME = "diagonal_fisher.safetensors"
+    LABEL = "diagonal Fisher"
     CURVATURE_TYPE = "diagonal_fisher"
     ENTRY = "Fisher"
 
@@ -115,26 +112,6 @@ class DiagonalFisher(CurvatureEstimate[torch.Tensor]):
             for name, t in self._entries.items()
         ]
 
-    def validate(self, model: nn.Module) -> None:
-        """Raise if ``model`` lacks a parameter of this estimate or has it with another shape."""
-        check_shapes_against_model(
-            {k: tuple(v.shape) for k, v in self.items()}, model, self.metadata, "diagonal Fisher"
-        )
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``diagonal_fisher.safetensors`` and ``curvature_config.json`` into the folder."""
-        save_curvature(save_directory, self.FILENAME, self._entries, self.metadata)
-
-    @classmethod
-    def from_pretrained(
-        cls, directory: str | os.PathLike, model: nn.Module | None = None, device: str | torch.device = "cpu"
-    ) -> DiagonalFisher:
-        """Load a saved estimate; with ``model`` given, check that it fits that model."""
-        tensors, metadata = load_curvature(directory, cls.FILENAME, cls.CURVATURE_TYPE)
-        fisher = cls({k: v.to(device) for k, v in tensors.items()}, metadata)
-        if model is not None:
-            fisher.validate(model)
-        return fisher
 
 
 def estimate_diagonal_fisher(

@@ -9,7 +9,6 @@ same hooks as the diagonal Fisher.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -19,12 +18,9 @@ from torch import nn
 from hf_fisher.curvature.collect import TargetLayer, check_finite, find_target_layers, run_curvature_pass
 from hf_fisher.curvature.diagonal import _DiagonalCollector
 from hf_fisher.curvature.store import (
-    CurvatureEstimate,
     CurvatureMetadata,
-    check_shapes_against_model,
-    load_curvature,
+    TensorCurvatureEstimate,
     model_name_or_path,
-    save_curvature,
 )
 
 NORMALIZATION = (
@@ -53,7 +49,7 @@ class _GradientSumCollector(_DiagonalCollector):
         return {**self.sums, **{f"grad::{k}": v for k, v in self.grad_sums.items()}}
 
 
-class RankOneFisher(CurvatureEstimate[torch.Tensor]):
+class RankOneFisher(TensorCurvatureEstimate):
     """``F ≈ scale · u uᵀ``: ``self[name]`` is the part of the unit direction ``u`` in that parameter.
 
     ``scale`` (in ``metadata.extra["scale"]``) is the Fisher's trace. :meth:`quadratic_form` gives
@@ -61,6 +57,7 @@ class RankOneFisher(CurvatureEstimate[torch.Tensor]):
     """
 
     FILENAME = "rank_one_fisher.safetensors"
+    LABEL = "rank-1 Fisher"
     CURVATURE_TYPE = "rank_one_fisher"
     ENTRY = "direction"
 
@@ -79,26 +76,6 @@ class RankOneFisher(CurvatureEstimate[torch.Tensor]):
         """``dᵀ F d = scale · (u · d)²``."""
         return self.scale * self.projection(displacement).square()
 
-    def validate(self, model: nn.Module) -> None:
-        """Raise if ``model`` lacks a parameter of this estimate or has it with another shape."""
-        check_shapes_against_model(
-            {k: tuple(v.shape) for k, v in self.items()}, model, self.metadata, "rank-1 Fisher"
-        )
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``rank_one_fisher.safetensors`` and ``curvature_config.json`` into the folder."""
-        save_curvature(save_directory, self.FILENAME, self._entries, self.metadata)
-
-    @classmethod
-    def from_pretrained(
-        cls, directory: str | os.PathLike, model: nn.Module | None = None, device: str | torch.device = "cpu"
-    ) -> RankOneFisher:
-        """Load a saved estimate; with ``model`` given, check that it fits that model."""
-        tensors, metadata = load_curvature(directory, cls.FILENAME, cls.CURVATURE_TYPE)
-        fisher = cls({k: v.to(device) for k, v in tensors.items()}, metadata)
-        if model is not None:
-            fisher.validate(model)
-        return fisher
 
 
 def estimate_rank_one_fisher(

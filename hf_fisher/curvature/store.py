@@ -169,3 +169,28 @@ class CurvatureEstimate(Mapping[str, T], Generic[T]):
                 repo_id=repo_id, folder_path=tmp, commit_message=f"Upload {type(self).__name__}"
             )
         return str(info)
+
+
+class TensorCurvatureEstimate(CurvatureEstimate[torch.Tensor]):
+    """An estimate holding one tensor per parameter name: shared validation, saving and loading."""
+
+    LABEL = "curvature estimate"
+
+    def validate(self, model: nn.Module) -> None:
+        """Raise if ``model`` lacks a parameter of this estimate or has it with another shape."""
+        check_shapes_against_model({k: tuple(v.shape) for k, v in self.items()}, model, self.metadata, self.LABEL)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``FILENAME`` (safetensors) and ``curvature_config.json`` into the folder."""
+        save_curvature(save_directory, self.FILENAME, self._entries, self.metadata)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, model: nn.Module | None = None,
+                        device: str | torch.device = "cpu"):
+        """Load a saved estimate; with ``model`` given, check that it fits that model."""
+        tensors, metadata = load_curvature(directory, cls.FILENAME, cls.CURVATURE_TYPE)
+        estimate = cls({k: v.to(device) for k, v in tensors.items()}, metadata)
+        if model is not None:
+            estimate.validate(model)
+        return estimate
+
