@@ -23,6 +23,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -43,6 +44,7 @@ from hf_fisher.trainers.unlearning import (  # noqa: E402
     KFADETrainer,
     UnlearningArguments,
     UnlearningTrainer,
+    apply_unlearning_update,
     selective_synaptic_dampening,
 )
 from hf_fisher.trainers.unlearning.recipe import FactsRecipe, make_reference_models  # noqa: E402
@@ -52,16 +54,50 @@ BASELINES = ("grad_ascent", "grad_diff", "npo", "simnpo")
 FISHER_METHODS = ("kfade", "kfade_ekfac", "grad_diff+gu", "npo+gu", "simnpo+gu", "ssd")
 
 
+class TokenPassCounter:
+    """Counts the compute of every model pass as token-pass equivalents, independent of machine load.
+
+    A global forward hook on the token embeddings counts the (padded) tokens of each forward: 1 unit per token
+    without autograd, 3 with it (forward + a backward of about twice its cost). The count covers every model in
+    the process (the target copy, a reference model), so it compares methods' compute on one scale.
+    """
+
+    def __init__(self) -> None:
+        self.units = 0
+        self._handle = None
+
+    def _hook(self, module, args, output) -> None:
+        if isinstance(module, torch.nn.Embedding) and args and torch.is_tensor(args[0]):
+            self.units += args[0].numel() * (3 if torch.is_grad_enabled() else 1)
+
+    def __enter__(self) -> TokenPassCounter:
+        self._handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
 def unlearn(method: str, target_dir: Path, data, recipe: FactsRecipe, seed: int, cli) -> tuple:
-    """Unlearn the forget split from a fresh copy of the target; returns (model, seconds, optimizer steps)."""
+    """Unlearn the forget split from a fresh copy of the target.
+
+    Returns (model, seconds, optimizer steps, token-pass units, K-FADE update or None).
+    """
     model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32)
+    with TokenPassCounter() as counter:
+        start = time.perf_counter()
+        steps, update = _unlearn(model, method, data, recipe, seed, cli)
+        seconds = time.perf_counter() - start
+    return model.eval(), seconds, steps, counter.units, update
+
+
+def _unlearn(model, method: str, data, recipe: FactsRecipe, seed: int, cli) -> tuple[int, dict | None]:
     forget, retain = data[recipe.forget_split], data[recipe.retain_split]
-    start = time.perf_counter()
     if method == "ssd":
         fishers = [estimate_diagonal_fisher(model, loader_of(split, cli.batch_size), kind="empirical",
                                             reduction="batch") for split in (forget, retain)]
         selective_synaptic_dampening(model, fishers[0], fishers[1], alpha=cli.ssd_alpha, lam=cli.ssd_lam)
-        return model.eval(), time.perf_counter() - start, 0
+        return 0, None
     with tempfile.TemporaryDirectory(prefix="hf_fisher_unlearn_") as scratch:
         common = dict(output_dir=scratch, seed=seed, save_strategy="no", report_to="none", logging_steps=1,
                       use_cpu=True, disable_tqdm=True)
@@ -81,8 +117,8 @@ def unlearn(method: str, target_dir: Path, data, recipe: FactsRecipe, seed: int,
                 warmup_steps=0.1)
             trainer = UnlearningTrainer(model, args, forget_dataset=forget, retain_dataset=retain)
         trainer.train()
-        steps = trainer.state.global_step
-    return model.eval(), time.perf_counter() - start, steps
+        update = trainer.unlearning_update() if method.startswith("kfade") else None
+        return trainer.state.global_step, update
 
 
 def loader_of(split, batch_size: int) -> list:
@@ -92,7 +128,43 @@ def loader_of(split, batch_size: int) -> list:
 
 def strip(result: dict) -> dict:
     """The summary, attacks and timing of a result (per-row scores dropped to keep the JSON small)."""
-    return {k: result[k] for k in ("name", "summary", "attacks", "seconds") if k in result}
+    keep = ("name", "summary", "attacks", "seconds", "unlearning_seconds", "compute_units", "steps")
+    return {k: result[k] for k in keep if k in result}
+
+
+def load_previous(path: Path) -> dict[str, list[dict]]:
+    """Results of an earlier run with the same --name (for --resume): {method: [stripped result per seed]}."""
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def further_finetune(model, split, steps: int, learning_rate: float, batch_size: int, seed: int) -> None:
+    """A few AdamW steps of plain fine-tuning (the model moves on after unlearning, before Δ is re-applied)."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(split), generator=generator).tolist()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        idx = [order[(step * batch_size + i) % len(order)] for i in range(batch_size)]
+        batch = pad_collate([{k: split[i][k] for k in ("input_ids", "attention_mask", "labels")} for i in idx], 0)
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def reapply_test(update: dict, unlearned, folders, data, recipe, tokenizer, evaluate, cli) -> dict:
+    """K-FADE's re-apply test: Δ on the target reproduces the unlearned model; Δ after further fine-tuning."""
+    model = AutoModelForCausalLM.from_pretrained(folders["target"], dtype=torch.float32)
+    apply_unlearning_update(model, update)
+    unlearned_params = dict(unlearned.named_parameters())
+    max_diff = max(float((p - unlearned_params[n]).abs().max()) for n, p in model.named_parameters())
+    model = AutoModelForCausalLM.from_pretrained(folders["target"], dtype=torch.float32)
+    further_finetune(model, data[recipe.retain_split], cli.reapply_steps, cli.reapply_lr, 16, seed=0)
+    finetuned = evaluate(model, "target+finetune")
+    apply_unlearning_update(model, update)
+    reapplied = evaluate(model, "target+finetune+Δ")
+    return {"max_abs_diff_target_plus_update": max_diff, "finetuned": strip(finetuned),
+            "reapplied": strip(reapplied)}
 
 
 def fmt(values: list[float]) -> str:
@@ -107,18 +179,44 @@ def fmt(values: list[float]) -> str:
     return text
 
 
-def table(rows: dict[str, list[dict]], walls: dict[str, list[float]]) -> str:
-    head = "| model | " + " | ".join(label for _, label in SUMMARY_COLUMNS) + " | unlearning time (s) |"
-    lines = [head, "|" + "---|" * (len(SUMMARY_COLUMNS) + 2)]
+def table(rows: dict[str, list[dict]]) -> str:
+    """Mean ± std over seeds of every summary column, with unlearning wall time and compute."""
+    head = ("| model | " + " | ".join(label for _, label in SUMMARY_COLUMNS)
+            + " | unlearning time (s) | compute (M token-passes) |")
+    lines = [head, "|" + "---|" * (len(SUMMARY_COLUMNS) + 3)]
     for name, results in rows.items():
         cells = [fmt([r["summary"].get(key) for r in results]) for key, _ in SUMMARY_COLUMNS]
-        lines.append(f"| {name} (n={len(results)}) | " + " | ".join(cells) + f" | {fmt(walls.get(name, []))} |")
+        wall = fmt([r["unlearning_seconds"] for r in results if "unlearning_seconds" in r])
+        units = fmt([r["compute_units"] / 1e6 for r in results if "compute_units" in r])
+        lines.append(f"| {name} (n={len(results)}) | " + " | ".join(cells) + f" | {wall} | {units} |")
     return "\n".join(lines)
+
+
+def reapply_section(extra: dict) -> str:
+    """The K-FADE re-apply test as markdown (empty when it did not run)."""
+    test = extra.get("reapply")
+    if not test:
+        return ""
+    keys = ("forget_probability", "forget_rougeL_recall", "forget_truth_ratio", "forget_quality", "model_utility",
+            "retain_kl")
+    rows = {"target + fine-tuning": test["finetuned"], "target + fine-tuning + Δ (re-applied)": test["reapplied"]}
+    lines = ["| model | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    for label, result in rows.items():
+        lines.append(f"| {label} | " + " | ".join(fmt([result["summary"].get(k)]) for k in keys) + " |")
+    return (f"""
+## K-FADE re-apply test (seed 0)
+
+Target + Δ (the saved unlearning update) against the unlearned model: max |difference| over all weights
+{test['max_abs_diff_target_plus_update']:.2e}. Then the target was fine-tuned further ({test.get('steps', '')}
+AdamW steps on retain questions) and the same Δ re-applied, without recomputing anything:
+
+""" + "\n".join(lines) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n_people", type=int, default=100)
+    parser.add_argument("--n_people", type=int, default=20,
+                        help="fictitious people; 20 gives the target a forget quality of 2.7e-4 (< 1e-3)")
     parser.add_argument("--base_model", default="default", help="base model id/path (a tiny one for a smoke run)")
     parser.add_argument("--recipe_epochs", type=float, default=5.0)
     parser.add_argument("--recipe_lr", type=float, default=1e-4)
@@ -130,7 +228,11 @@ def main() -> None:
     parser.add_argument("--kfade_epsilon", type=float, default=0.05, help="retain KL budget per step and token")
     parser.add_argument("--ssd_alpha", type=float, default=10.0)
     parser.add_argument("--ssd_lam", type=float, default=1.0)
-    parser.add_argument("--max_retain_rows", type=int, default=200)
+    parser.add_argument("--max_retain_rows", type=int, default=100)
+    parser.add_argument("--reapply_steps", type=int, default=10,
+                        help="fine-tuning steps before K-FADE's update is re-applied (0: skip the test)")
+    parser.add_argument("--reapply_lr", type=float, default=5e-5)
+    parser.add_argument("--resume", action="store_true", help="keep the methods already in <name>.json")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--name", default="unlearning", help="stem of the result files (<name>.md/.png/.json)")
@@ -159,32 +261,47 @@ def main() -> None:
     retain_result["summary"]["forget_quality"] = 1.0
     target_result = evaluate_unlearning(target, data, tokenizer, retain_model=retain_reference,
                                         original_model=target, attacks=("quantization",), name="target", **common)
+    previous = load_previous(out / f"{args.name}.json") if args.resume else {}
     rows: dict[str, list[dict]] = {"target": [target_result], "retain": [retain_result]}
-    walls: dict[str, list[float]] = {}
-    steps: dict[str, int] = {}
-    print(table(rows, walls), flush=True)
+    extra: dict[str, Any] = dict(previous.get("_extra", [{}])[0]) if previous else {}
+    print(table(rows), flush=True)
+
+    def evaluate(model, name: str, seed: int = 0, attacks=()) -> dict:
+        return evaluate_unlearning(model, data, tokenizer, retain_model=retain_reference, original_model=target,
+                                   attacks=attacks, name=name, seed=seed, **common)
+
     for method in args.methods:
-        for seed in range(1 if method == "ssd" else args.seeds):  # SSD is deterministic
-            model, seconds, n_steps = unlearn(method, folders["target"], data, recipe, seed, args)
+        n_seeds = 1 if method == "ssd" else args.seeds  # SSD is deterministic
+        if len(previous.get(method, [])) >= n_seeds:
+            rows[method] = previous[method][:n_seeds]
+            print(f"{method}: kept {n_seeds} result(s) from the previous run", flush=True)
+            continue
+        for seed in range(n_seeds):
+            model, seconds, n_steps, units, update = unlearn(method, folders["target"], data, recipe, seed, args)
             attacks = ("relearning", "quantization") if seed == 0 else ()
-            result = evaluate_unlearning(model, data, tokenizer, retain_model=retain_reference, original_model=target,
-                                         attacks=attacks, name=f"{method}-seed{seed}", seed=seed, **common)
+            result = evaluate(model, f"{method}-seed{seed}", seed, attacks)
+            result.update(unlearning_seconds=seconds, compute_units=units, steps=n_steps)
             rows.setdefault(method, []).append(result)
-            walls.setdefault(method, []).append(seconds)
-            steps[method] = n_steps
-            print(f"{method} seed {seed}: {seconds:.0f} s unlearning, {result['seconds']:.0f} s evaluation",
-                  flush=True)
+            print(f"{method} seed {seed}: {seconds:.0f} s unlearning ({units / 1e6:.2f} M token-passes), "
+                  f"{result['seconds']:.0f} s evaluation", flush=True)
+            if method == "kfade" and seed == 0 and args.reapply_steps > 0:
+                extra["reapply"] = reapply_test(update, model, folders, data, recipe, tokenizer, evaluate, args)
+                extra["reapply"]["steps"] = f"{args.reapply_steps} (lr {args.reapply_lr:g}, batch 16)"
+                print(f"re-apply test: {extra['reapply']['max_abs_diff_target_plus_update']:.2e} max |Δ| error",
+                      flush=True)
             del model
-        write(out, args, recipe, folders, recipe_seconds, rows, walls, steps)
-    write(out, args, recipe, folders, recipe_seconds, rows, walls, steps)
+            write(out, args, recipe, recipe_seconds, rows, extra)
+    write(out, args, recipe, recipe_seconds, rows, extra)
 
 
-def write(out: Path, args, recipe, folders, recipe_seconds, rows, walls, steps) -> None:
+def write(out: Path, args, recipe, recipe_seconds, rows, extra) -> None:
     first = {name: results[0] for name, results in rows.items()}
     plot_forget_quality_vs_utility(
         {f"{name}-{i}": r for name, results in rows.items() for i, r in enumerate(results)}, out / f"{args.name}.png")
     (out / f"{args.name}.json").write_text(json.dumps(
-        {name: [strip(r) for r in results] for name, results in rows.items()}, indent=1, default=str))
+        {**{name: [strip(r) for r in results] for name, results in rows.items()}, "_extra": [extra]}, indent=1,
+        default=str))
+    steps = {name: results[0].get("steps", 0) for name, results in rows.items() if not name.startswith("kfade")}
     model_name = "SmolLM2-135M-Instruct (the default model)" if recipe.base_model == "default" else recipe.base_model
     text = f"""# Unlearning benchmark on the fictitious-facts data
 
@@ -207,7 +324,7 @@ FQ = forget quality (KS p-value vs the retain model, higher is better, 1 = retai
 mean min(R, 1/R); ES = extraction strength; PrivLeak on Min-K%++ (0 = like the retain model); retain KL =
 KL(target ‖ model) per answer token on retain questions. Mean ± std over seeds.
 
-{table(rows, walls)}
+{table(rows)}
 
 ## Attacks (first seed of each method)
 
@@ -216,7 +333,7 @@ Recovery = (m_attacked − m_unlearned) / (m_target − m_unlearned) on the forg
 .get('steps', '—')} AdamW steps (lr 1e-5, batch 8) on half of the forget people, scored on the other half.
 
 {attack_table(first)}
-
+{reapply_section(extra)}
 ![forget quality vs model utility]({args.name}.png)
 """
     (out / f"{args.name}.md").write_text(text)
