@@ -11,6 +11,7 @@ from hf_fisher.curvature import (  # noqa: E402
 )
 from hf_fisher.data import build_fictitious_facts  # noqa: E402
 from hf_fisher.evaluation import evaluate_unlearning  # noqa: E402
+from hf_fisher.hub import publish  # noqa: E402
 from hf_fisher.lowrank import fisher_weights, weighted_low_rank  # noqa: E402
 from hf_fisher.merging import fisher_merge  # noqa: E402
 from hf_fisher.models import load_default_model, load_model  # noqa: E402
@@ -83,6 +84,7 @@ __all__ = [
     "nf_dequantize",
     "nf_quantize",
     "prepare_lqlora_model",
+    "publish",
     "save_fwsvd_adapter",
     "save_lqlora_model",
     "selective_synaptic_dampening",

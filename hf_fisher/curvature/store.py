@@ -74,9 +74,9 @@ def save_curvature(
         tmp_config = Path(f.name)
     os.replace(tmp_tensors, out / filename)
     os.replace(tmp_config, out / CONFIG_NAME)
-    from hf_fisher.cards import curvature_card
+    from hf_fisher.cards import fisher_card, write_card
 
-    (out / "README.md").write_text(curvature_card(metadata, filename))
+    write_card(fisher_card(metadata, filename), out)
     return out
 
 
@@ -158,17 +158,13 @@ class CurvatureEstimate(Mapping[str, T], Generic[T]):
         raise NotImplementedError
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None) -> str:
-        """Save into a temporary folder and upload it to a Hub model repo (created if needed)."""
-        from huggingface_hub import HfApi
+        """Save into a temporary folder (card included) and upload it to a Hub model repo (created if needed)."""
+        from hf_fisher.hub import publish
 
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
-            info = api.upload_folder(
-                repo_id=repo_id, folder_path=tmp, commit_message=f"Upload {type(self).__name__}"
-            )
-        return str(info)
+            return publish(tmp, repo_id, token=token, private=bool(private),
+                           commit_message=f"Upload {type(self).__name__}")
 
 
 class TensorCurvatureEstimate(CurvatureEstimate[torch.Tensor]):

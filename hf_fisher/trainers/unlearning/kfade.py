@@ -44,6 +44,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from hf_fisher.cards import unlearning_card, write_card
 from hf_fisher.curvature import KFACFactors, estimate_kfac
 from hf_fisher.curvature.collect import find_target_layers
 from hf_fisher.data.facts import pad_collate
@@ -359,25 +360,45 @@ class KFADETrainer(UnlearningTrainer):
             raise RuntimeError("no K-FADE step has been taken yet; call train() first")
         return optimizer.total_update()
 
-    def save_unlearning_update(self, directory: str | os.PathLike) -> Path:
-        """Write the total update as ``unlearning_update.safetensors`` (+ a JSON description)."""
+    def save_unlearning_update(self, directory: str | os.PathLike, *,
+                               metrics: Mapping[str, Mapping[str, float]] | None = None,
+                               forget_description: str | None = None) -> Path:
+        """Write the total update as ``unlearning_update.safetensors`` (+ a JSON description and a model card)."""
         config = {"method": "k-fade", "epsilon_per_token": self.args.kfade_epsilon,
                   "damping": self.args.kfade_damping, "curvature": self.args.kfade_curvature,
                   "steps": self.state.global_step,
                   "base_model": getattr(getattr(self.model, "config", None), "_name_or_path", None)}
-        return save_unlearning_update(self.unlearning_update(), directory, config)
+        if forget_description is None:
+            n_forget = len(getattr(self.train_dataset, "forget", ()))
+            forget_description = f"{n_forget} forget examples given to KFADETrainer"
+        return save_unlearning_update(self.unlearning_update(), directory, config, metrics=metrics,
+                                      forget_description=forget_description)
 
 
 def save_unlearning_update(update: Mapping[str, torch.Tensor], directory: str | os.PathLike,
-                           config: Mapping[str, Any] | None = None) -> Path:
-    """Save an unlearning update (parameter name → Δ) as safetensors plus a JSON description; returns the folder."""
+                           config: Mapping[str, Any] | None = None, *,
+                           metrics: Mapping[str, Mapping[str, float]] | None = None,
+                           forget_description: str | None = None) -> Path:
+    """Save an unlearning update (parameter name → Δ) as safetensors plus a JSON description; returns the folder.
+
+    The folder's README.md is hf_fisher's card (:func:`hf_fisher.cards.unlearning_card`): method and base model
+    from ``config["method"]`` / ``config["base_model"]`` (``"custom"`` / unrecorded when absent), the rest of
+    ``config`` as settings, plus ``metrics`` and ``forget_description``.
+    """
     if not update:
         raise ValueError("the unlearning update is empty; nothing to save")
+    config = dict(config or {})
+    settings = {k: v for k, v in config.items() if k not in ("method", "base_model")}
+    card = unlearning_card(method=str(config.get("method") or "custom"),
+                           base_model=str(config.get("base_model") or ""),
+                           forget_description=forget_description or "not described", metrics=metrics,
+                           settings=settings, update_file=UPDATE_FILE)
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in update.items()}, str(folder / UPDATE_FILE),
               metadata={"format": "pt", "hf_fisher": "unlearning_update"})
-    (folder / UPDATE_CONFIG).write_text(json.dumps(dict(config or {}), indent=1, default=str))
+    (folder / UPDATE_CONFIG).write_text(json.dumps(config, indent=1, default=str))
+    write_card(card, folder)
     return folder
 
 

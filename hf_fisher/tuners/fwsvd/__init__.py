@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from hf_fisher.cards import adapter_card, write_card
 from hf_fisher.curvature import DiagonalFisher
 from hf_fisher.lowrank import WeightSide, fisher_weights, weighted_low_rank
 
@@ -175,6 +177,10 @@ def save_fwsvd_adapter(
     initial_adapter_dir: str | os.PathLike,
     *,
     adapter_name: str = "default",
+    metrics: Mapping[str, Mapping[str, float]] | None = None,
+    training: Mapping[str, Any] | None = None,
+    datasets: Sequence[str] = (),
+    base_model: str | None = None,
 ) -> Path:
     """Save a trained FWSVD adapter as a plain rank-2r LoRA against the original base weights.
 
@@ -183,6 +189,9 @@ def save_fwsvd_adapter(
     ``adapter_model.safetensors`` that ``PeftModel.from_pretrained(original_base, save_directory)`` loads
     without hf_fisher, plus ``fwsvd_unconverted/`` (the trained adapter as trained, on the residual base) and
     ``fwsvd_initial/`` (the initial adapter), which :func:`load_fwsvd_for_training` uses to resume training.
+    Its README.md is hf_fisher's card (:func:`hf_fisher.cards.adapter_card`, replacing PEFT's generic one) with
+    ``metrics``, ``datasets`` and ``training`` (shown after the adapter's own settings); ``base_model`` defaults to
+    the one PEFT recorded.
     """
     initial = Path(initial_adapter_dir)
     if not (initial / "adapter_config.json").is_file():
@@ -190,6 +199,22 @@ def save_fwsvd_adapter(
             f"No adapter_config.json in {str(initial)!r}: save the adapter right after initialize_lora_fwsvd "
             "with peft_model.save_pretrained(initial_adapter_dir), before training."
         )
+    if adapter_name not in getattr(peft_model, "peft_config", {}):
+        raise ValueError(f"The model has no adapter {adapter_name!r}; pass the name of the trained FWSVD adapter.")
+    # the card first: bad metrics raise before anything is written
+    config = peft_model.peft_config[adapter_name]
+    targets = config.target_modules
+    settings = {
+        "init": "FWSVD (Fisher-weighted SVD), then trained",
+        "r (trained)": config.r,
+        "r (saved, plain LoRA)": 2 * config.r,
+        "lora_alpha": config.lora_alpha,
+        "use_rslora": config.use_rslora,
+        "target_modules": sorted(targets) if isinstance(targets, set) else targets,
+        **dict(training or {}),
+    }
+    card = adapter_card(method="fwsvd", base_model=base_model or config.base_model_name_or_path or "",
+                        datasets=datasets, metrics=metrics, training=settings, vanilla_peft_loadable=True)
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     # PEFT rewrites the initial folder's config, and needs its name as an adapter name: use a private copy.
@@ -199,6 +224,7 @@ def save_fwsvd_adapter(
         shutil.copytree(initial, staging)
     _save_adapter_flat(peft_model, out, adapter_name, path_initial_model_for_weight_conversion=str(staging))
     _save_adapter_flat(peft_model, out / UNCONVERTED_DIR, adapter_name)
+    write_card(card, out)
     return out
 
 

@@ -18,8 +18,10 @@ import math
 import os
 import tempfile
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -422,21 +424,56 @@ def _base_state_dict(base: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, aliases
 
 
-def save_lqlora_model(peft_model, save_directory: str | os.PathLike) -> Path:
+def _lqlora_card(peft_model, layers: dict[str, nn.Module], metrics, training, datasets, base_model):
+    """hf_fisher's card for an LQ-LoRA folder: the adapter's settings and the bits each quantized layer got."""
+    from collections import Counter
+
+    from hf_fisher.cards import adapter_card
+
+    config = peft_model.peft_config[peft_model.active_adapter]
+    bits = Counter(f"{m.quant_config.bits}-bit, blocks of {m.quant_config.block_size}" for m in layers.values())
+    targets = config.target_modules
+    settings = {
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "target_modules": sorted(targets) if isinstance(targets, set) else targets,
+        "bit budget": getattr(config, "budget", None),
+        "Fisher-weighted": getattr(config, "fisher_weighted", None),
+        "quantized layers": ", ".join(f"{n} × {k}" for k, n in sorted(bits.items())),
+        **dict(training or {}),
+    }
+    return adapter_card(method="lqlora", base_model=base_model or config.base_model_name_or_path or "",
+                        datasets=datasets, metrics=metrics, training=settings, vanilla_peft_loadable=False)
+
+
+def save_lqlora_model(
+    peft_model,
+    save_directory: str | os.PathLike,
+    *,
+    metrics: Mapping[str, Mapping[str, float]] | None = None,
+    training: Mapping[str, Any] | None = None,
+    datasets: Sequence[str] = (),
+    base_model: str | None = None,
+) -> Path:
     """Save an LQ-LoRA model: the PEFT adapter, the quantized base (packed codes, scales) and the base config.
 
     The folder holds ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT), ``config.json`` (the
-    transformers config), ``lqlora_base.safetensors`` (every base tensor; quantized layers as packed codes) and
-    ``lqlora_base.json`` (per-layer shapes and configs). :func:`load_lqlora_model` restores it in one call.
+    transformers config), ``lqlora_base.safetensors`` (every base tensor; quantized layers as packed codes),
+    ``lqlora_base.json`` (per-layer shapes and configs) and hf_fisher's card as README.md (with ``metrics``,
+    ``datasets`` and ``training``; ``base_model`` defaults to PEFT's record). :func:`load_lqlora_model` restores
+    it in one call.
     """
     from safetensors.torch import save_file
 
-    out = Path(save_directory)
-    out.mkdir(parents=True, exist_ok=True)
+    from hf_fisher.cards import write_card
+
     base = peft_model.get_base_model()
     layers = quantized_layers(peft_model)
     if not layers:
         raise ValueError("This model has no NF-quantized layer: make it with prepare_lqlora_model first.")
+    card = _lqlora_card(peft_model, layers, metrics, training, datasets, base_model)
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
     tensors, aliases = _base_state_dict(base)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -456,6 +493,7 @@ def save_lqlora_model(peft_model, save_directory: str | os.PathLike) -> Path:
     (out / BASE_META_NAME).write_text(json.dumps(meta, indent=1))
     base.config.save_pretrained(str(out))
     peft_model.save_pretrained(str(out))
+    write_card(card, out)  # over PEFT's generic card
     return out
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -71,14 +72,26 @@ def _check_bases_and_drop(config: FastRandLoraConfig, tensors: dict[str, torch.T
     return {k: v for k, v in tensors.items() if k not in stored}
 
 
-def _write(output_dir: Path, adapter_dir: Path, config_dict: dict, tensors: dict[str, torch.Tensor]) -> Path:
+def _card(config_dict: dict, vanilla: bool, *, metrics, training, datasets, base_model):
+    """hf_fisher's RandLoRA card for the converted folder (built before anything is written: bad metrics raise)."""
+    from hf_fisher.cards import adapter_card
+
+    shown = ("r", "randlora_alpha", "target_modules", "projection_prng_key", "sparse", "very_sparse", "contraction")
+    settings: dict[str, Any] = {key: config_dict[key] for key in shown if key in config_dict}
+    settings.update(training or {})
+    base_model = base_model or config_dict.get("base_model_name_or_path") or ""
+    return adapter_card(method="randlora", base_model=base_model, datasets=datasets, metrics=metrics,
+                        training=settings, vanilla_peft_loadable=vanilla)
+
+
+def _write(output_dir: Path, config_dict: dict, tensors: dict[str, torch.Tensor], card) -> Path:
+    from hf_fisher.cards import write_card
+
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True))
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     save_file(tensors, str(output_dir / WEIGHTS_NAME), metadata={"format": "pt"})
-    readme = adapter_dir / "README.md"
-    if readme.is_file() and readme.resolve() != (output_dir / "README.md").resolve():
-        shutil.copyfile(readme, output_dir / "README.md")
+    write_card(card, output_dir)
     return output_dir
 
 
@@ -89,11 +102,20 @@ def _fields(config_dict: dict) -> dict:
     return {k: v for k, v in config_dict.items() if k in known}
 
 
-def convert_to_peft_randlora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+def convert_to_peft_randlora(
+    adapter_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    metrics: Mapping[str, Mapping[str, float]] | None = None,
+    training: Mapping[str, Any] | None = None,
+    datasets: Sequence[str] = (),
+    base_model: str | None = None,
+) -> Path:
     """Write a fast RandLoRA adapter folder as a vanilla PEFT ``RANDLORA`` adapter (loads without hf_fisher).
 
     The trained λ, γ are copied unchanged; bases are dropped (after checking they are the seed's) and the config
-    says ``save_projection=False``, so PEFT regenerates the same bases from ``projection_prng_key``.
+    says ``save_projection=False``, so PEFT regenerates the same bases from ``projection_prng_key``. README.md is
+    hf_fisher's RandLoRA card (with ``metrics``, ``training``, ``datasets``; ``base_model`` defaults to the config's).
     """
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     config_dict, tensors = _read(adapter_dir, HfFisherPeftType.FAST_RANDLORA.value)
@@ -113,15 +135,24 @@ def convert_to_peft_randlora(adapter_dir: str | os.PathLike, output_dir: str | o
     for key in ("auto_mapping", "base_model_name_or_path", "revision", "task_type"):
         if key in config_dict:
             out[key] = config_dict[key]
-    return _write(output_dir, adapter_dir, out, tensors)
+    card = _card(out, True, metrics=metrics, training=training, datasets=datasets, base_model=base_model)
+    return _write(output_dir, out, tensors, card)
 
 
 def convert_from_peft_randlora(
-    adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *, contraction: str = "auto"
+    adapter_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    contraction: str = "auto",
+    metrics: Mapping[str, Mapping[str, float]] | None = None,
+    training: Mapping[str, Any] | None = None,
+    datasets: Sequence[str] = (),
+    base_model: str | None = None,
 ) -> Path:
     """Write a vanilla PEFT ``RANDLORA`` adapter folder as a fast RandLoRA adapter (same outputs, small file).
 
-    Per-layer copies of the bases that PEFT 0.21 saves are checked against the seed and dropped.
+    Per-layer copies of the bases that PEFT 0.21 saves are checked against the seed and dropped. README.md is
+    hf_fisher's RandLoRA card saying the folder needs ``import hf_fisher`` (options as in the other direction).
     """
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     config_dict, tensors = _read(adapter_dir, "RANDLORA")
@@ -132,4 +163,5 @@ def convert_from_peft_randlora(
     out = dict(config_dict)
     out.update({"peft_type": HfFisherPeftType.FAST_RANDLORA.value, "save_projection": False})
     out["contraction"] = contraction
-    return _write(output_dir, adapter_dir, out, tensors)
+    card = _card(out, False, metrics=metrics, training=training, datasets=datasets, base_model=base_model)
+    return _write(output_dir, out, tensors, card)
