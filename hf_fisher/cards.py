@@ -201,10 +201,13 @@ def _adapter_loading(method: str, base: str, vanilla: bool) -> tuple[str, str]:
                 f'model = load_fwsvd_for_training(base, snapshot_download("{REPO_PLACEHOLDER}"))',
             ]),
         )
-    return (
-        "A plain LoRA adapter: vanilla PEFT and transformers load it, hf_fisher is not needed.",
-        _peft_loading(base, comment="  # or base.load_adapter(...)"),
-    )
+    note = "A plain LoRA adapter: vanilla PEFT and transformers load it, hf_fisher is not needed."
+    if method == "fwsvd":
+        note += (
+            " The subfolders `fwsvd_unconverted/` and `fwsvd_initial/` are what "
+            "`hf_fisher.load_fwsvd_for_training(base, folder)` needs to resume training."
+        )
+    return note, _peft_loading(base, comment="  # or base.load_adapter(...)")
 
 
 def adapter_card(

@@ -36,7 +36,8 @@ def fwsvd_metrics() -> dict[str, dict[str, float]]:
     return metrics
 
 
-def main() -> None:
+def main(out_dir: Path = HERE) -> None:
+    """Write the three example cards into ``out_dir``."""
     adapter = adapter_card(
         method="fwsvd",
         base_model=BASE,
@@ -53,7 +54,7 @@ def main() -> None:
             "source": "benchmarks/results/fwsvd.md, part 2",
         },
     )
-    adapter.save(HERE / "fwsvd_adapter_example.md")
+    adapter.save(out_dir / "fwsvd_adapter_example.md")
 
     defaults = KFADEArguments(output_dir="unused")
     update = unlearning_card(
@@ -63,7 +64,7 @@ def main() -> None:
         settings={"epsilon_per_token": defaults.kfade_epsilon, "damping": defaults.kfade_damping,
                   "curvature": defaults.kfade_curvature, "backtracking": defaults.kfade_backtracking},
     )
-    update.save(HERE / "unlearning_update_example.md")
+    update.save(out_dir / "unlearning_update_example.md")
 
     demo = CurvatureMetadata(  # the demo's estimate, as its curvature_config.json records it
         curvature_type="diagonal_fisher", kind="empirical", n_sequences=8, n_tokens=1016,
@@ -72,7 +73,7 @@ def main() -> None:
         model_name_or_path=BASE, data_description="lee_background train, 8 x 128 tokens", reduction="sample",
         model_dtype="float32",
     )
-    fisher_card(demo, "diagonal_fisher.safetensors").save(HERE / "curvature_example.md")
+    fisher_card(demo, "diagonal_fisher.safetensors").save(out_dir / "curvature_example.md")
 
 
 if __name__ == "__main__":

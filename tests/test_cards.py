@@ -146,6 +146,19 @@ def test_fisher_card_from_saved_estimates(tmp_path, batches):
     assert "6 sequences" in card.text and "random tokens" in card.text
 
 
+def test_model_cards_examples_are_rendered_by_the_script(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_examples", ROOT / "model_cards" / "make_examples.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(tmp_path)
+    for name in ("fwsvd_adapter_example.md", "unlearning_update_example.md", "curvature_example.md"):
+        rendered = (tmp_path / name).read_text()
+        assert rendered == (ROOT / "model_cards" / name).read_text(), f"{name}: run model_cards/make_examples.py"
+        assert "hf-fisher" in ModelCard(rendered).data.tags
+
+
 # ------------------------------------------------------------------------------------ save paths
 
 
