@@ -132,6 +132,11 @@ def strip(result: dict) -> dict:
     return {k: result[k] for k in keep if k in result}
 
 
+def _plain(value: Any) -> Any:
+    """JSON fallback: numpy scalars and arrays as Python numbers and lists."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
 def load_previous(path: Path) -> dict[str, list[dict]]:
     """Results of an earlier run with the same --name (for --resume): {method: [stripped result per seed]}."""
     return json.loads(path.read_text()) if path.exists() else {}
@@ -228,11 +233,14 @@ def main() -> None:
     parser.add_argument("--kfade_epsilon", type=float, default=0.05, help="retain KL budget per step and token")
     parser.add_argument("--ssd_alpha", type=float, default=10.0)
     parser.add_argument("--ssd_lam", type=float, default=1.0)
-    parser.add_argument("--max_retain_rows", type=int, default=100)
+    parser.add_argument("--max_retain_rows", type=int, default=32, help="retain questions scored per model")
+    parser.add_argument("--max_new_tokens", type=int, default=24,
+                        help="greedy tokens generated for ROUGE-L (the longest answer has 19)")
     parser.add_argument("--reapply_steps", type=int, default=10,
                         help="fine-tuning steps before K-FADE's update is re-applied (0: skip the test)")
     parser.add_argument("--reapply_lr", type=float, default=5e-5)
-    parser.add_argument("--resume", action="store_true", help="keep the methods already in <name>.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the seeds already in <name>.json and run only the missing ones")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--name", default="unlearning", help="stem of the result files (<name>.md/.png/.json)")
@@ -253,18 +261,26 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(folders["target"])
     data = recipe.build_data(tokenizer)
     common = dict(forget_split=recipe.forget_split, retain_split=recipe.retain_split,
-                  max_retain_rows=args.max_retain_rows)
+                  max_retain_rows=args.max_retain_rows, max_new_tokens=args.max_new_tokens)
 
-    # the retain model against itself: forget quality 1 and PrivLeak 0 by definition; its attacks are the baseline
-    retain_result = evaluate_unlearning(retain, data, tokenizer, original_model=target, name="retain", **common)
-    retain_reference = {"summary": dict(retain_result["summary"]), "splits": retain_result["splits"]}
-    retain_result["summary"]["forget_quality"] = 1.0
-    target_result = evaluate_unlearning(target, data, tokenizer, retain_model=retain_reference,
-                                        original_model=target, attacks=("quantization",), name="target", **common)
     previous = load_previous(out / f"{args.name}.json") if args.resume else {}
-    rows: dict[str, list[dict]] = {"target": [target_result], "retain": [retain_result]}
     extra: dict[str, Any] = dict(previous.get("_extra", [{}])[0]) if previous else {}
+    if "retain_reference" in extra and "target" in previous and "retain" in previous:
+        retain_reference = extra["retain_reference"]
+        rows: dict[str, list[dict]] = {"target": previous["target"], "retain": previous["retain"]}
+        print("target, retain: kept from the previous run", flush=True)
+    else:
+        # the retain model against itself: FQ 1 and PrivLeak 0 by definition; its attacks are the baseline
+        retain_result = evaluate_unlearning(retain, data, tokenizer, original_model=target, name="retain", **common)
+        retain_reference = {"summary": dict(retain_result["summary"]), "splits": retain_result["splits"]}
+        extra["retain_reference"] = json.loads(json.dumps(retain_reference, default=_plain))
+        retain_result["summary"]["forget_quality"] = 1.0
+        target_result = evaluate_unlearning(target, data, tokenizer, retain_model=retain_reference,
+                                            original_model=target, attacks=("quantization",), name="target",
+                                            **common)
+        rows = {"target": [target_result], "retain": [retain_result]}
     print(table(rows), flush=True)
+    write(out, args, recipe, recipe_seconds, rows, extra)
 
     def evaluate(model, name: str, seed: int = 0, attacks=()) -> dict:
         return evaluate_unlearning(model, data, tokenizer, retain_model=retain_reference, original_model=target,
@@ -272,11 +288,11 @@ def main() -> None:
 
     for method in args.methods:
         n_seeds = 1 if method == "ssd" else args.seeds  # SSD is deterministic
-        if len(previous.get(method, [])) >= n_seeds:
-            rows[method] = previous[method][:n_seeds]
-            print(f"{method}: kept {n_seeds} result(s) from the previous run", flush=True)
-            continue
-        for seed in range(n_seeds):
+        kept = previous.get(method, [])[:n_seeds]
+        if kept:
+            rows[method] = list(kept)
+            print(f"{method}: kept {len(kept)} seed(s) from the previous run", flush=True)
+        for seed in range(len(kept), n_seeds):
             model, seconds, n_steps, units, update = unlearn(method, folders["target"], data, recipe, seed, args)
             attacks = ("relearning", "quantization") if seed == 0 else ()
             result = evaluate(model, f"{method}-seed{seed}", seed, attacks)
@@ -306,7 +322,7 @@ def write(out: Path, args, recipe, recipe_seconds, rows, extra) -> None:
     text = f"""# Unlearning benchmark on the fictitious-facts data
 
 Base model {model_name}; data `build_fictitious_facts(n_people={recipe.n_people})`: forget split
-`{recipe.forget_split}` ({len(rows['target'][0]['splits']['forget']['per_row']['probability'])} questions),
+`{recipe.forget_split}` ({len(extra['retain_reference']['splits']['forget']['per_row']['probability'])} questions),
 retain `{recipe.retain_split}` (first {args.max_retain_rows} scored), holdout people for MIA, world facts for
 utility. Reference models (one recipe, cached): full fine-tune, {recipe.epochs:g} epochs, lr {recipe.learning_rate:g},
 batch {recipe.batch_size} — target on all trainable people, retain on the retain people only
@@ -320,7 +336,8 @@ batch-reduced diagonal Fishers of forget and retain sets, α = {args.ssd_alpha:g
 Machine: 2 CPU cores, torch threads {args.threads}; shared with other jobs while it ran, so times are indicative.
 
 FQ = forget quality (KS p-value vs the retain model, higher is better, 1 = retain model); MU = model utility
-(harmonic mean of probability, ROUGE-L recall and truth-ratio score on retain and world facts); forget TR =
+(harmonic mean of probability, ROUGE-L recall and truth-ratio score on retain and world facts; ROUGE-L on the
+first {args.max_new_tokens} greedy tokens); forget TR =
 mean min(R, 1/R); ES = extraction strength; PrivLeak on Min-K%++ (0 = like the retain model); retain KL =
 KL(target ‖ model) per answer token on retain questions. Mean ± std over seeds.
 

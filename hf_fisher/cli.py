@@ -1,6 +1,7 @@
 """The ``hf-fisher`` command line: the demo and one subcommand per job.
 
-``hf-fisher demo`` runs the main job on the embedded default model and data, offline.
+``hf-fisher demo`` runs the main job on the embedded default model and data, offline: Fisher → FWSVD-LoRA
+fine-tune on the fictitious facts → K-FADE unlearning → evaluation with the 4-bit attack → saved artefacts.
 ``hf-fisher fisher`` estimates and saves a diagonal Fisher or K-FAC factors for any causal LM.
 ``hf-fisher merge`` merges models or LoRA adapters by Fisher-weighted averaging.
 """
@@ -58,27 +59,10 @@ def _fmt(value) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Estimate the diagonal Fisher of the default model on the default corpus and summarise it per block."""
-    from hf_fisher import estimate_diagonal_fisher, load_model
+    """The main job end to end on the default model and data (see :mod:`hf_fisher.demo`)."""
+    from hf_fisher.demo import run_demo as demo
 
-    start = time.time()
-    out = Path(args.output_dir)
-    print(f"[1/3] Loading {args.model or 'the default model (SmolLM2-135M-Instruct, offline)'} ...")
-    model, tokenizer = load_model(args.model)
-    n_seq = 8 if args.fast else 32
-    loader = _text_dataloader(tokenizer, "lee_background", "train", 128, 8, n_seq)
-    print(f"[2/3] Estimating the diagonal Fisher on {n_seq} x 128 tokens of the lee_background corpus ...")
-    fisher = estimate_diagonal_fisher(
-        model, loader, kind="empirical", data_description=f"lee_background train, {n_seq} x 128 tokens"
-    )
-    print(f"      {fisher}")
-    print("[3/3] Where the Fisher mass sits (share of the trace, per transformer block):")
-    _print_table(per_block_summary(fisher), ("block", "attention", "mlp", "top module"))
-    top = sorted(fisher.summary(), key=lambda r: r["share"], reverse=True)[:5]
-    print("Most Fisher-important tensors:")
-    _print_table([(r["name"], r["share"], f"{r['mean']:.3e}") for r in top], ("parameter", "share", "mean F"))
-    fisher.save_pretrained(out / "fisher")
-    print(f"Saved the Fisher to {out / 'fisher'} ({time.time() - start:.0f} s in all).")
+    demo(args.output_dir, fast=args.fast, model_name=args.model)
     return 0
 
 
@@ -101,7 +85,11 @@ def run_fisher(args: argparse.Namespace) -> int:
             eigenvalue_correction=args.ekfac, data_description=description, seed=args.seed,
         )
     result.save_pretrained(args.output_dir)
-    print(f"{result}\nSaved to {args.output_dir}")
+    print(result)
+    if args.curvature == "diagonal":
+        print("Where the Fisher mass sits (share of the trace, per transformer block):")
+        _print_table(per_block_summary(result), ("block", "attention", "mlp", "top module"))
+    print(f"Saved to {args.output_dir}")
     return 0
 
 
@@ -270,10 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run the main job end to end on the default model and data")
-    demo.add_argument("--fast", action="store_true", help="a smaller version (what CI runs)")
+    demo = sub.add_parser(
+        "demo", help="run the main job end to end on the default model and data",
+        description="Estimate the Fisher, fine-tune an FWSVD-initialised LoRA on fictitious facts, unlearn some "
+        "people with K-FADE (and NPO + GU in the full run), evaluate forget vs retain with the 4-bit attack, and "
+        "save the adapter, the unlearning update, the Fisher, model cards, a report and a plot.")
+    demo.add_argument("--fast", action="store_true", help="the few-minute version (what CI runs)")
     demo.add_argument("--model", default=None, help="HF model id or local path (default: the embedded model)")
-    demo.add_argument("--output-dir", default="hf_fisher_demo", help="where results are written")
+    demo.add_argument("--output-dir", default="hf_fisher_demo",
+                      help="where results are written (replaced only if an earlier demo wrote it)")
     demo.set_defaults(func=run_demo)
 
     fisher = sub.add_parser("fisher", help="estimate and save a diagonal Fisher or K-FAC factors")

@@ -36,3 +36,20 @@ def batches():
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory):
+    """A tiny Llama with the default model's tokenizer (chat template), saved as a normal HF folder."""
+    from transformers import AutoTokenizer
+
+    from hf_fisher.models import default_model_dir, load_default_model
+    from tests.helpers import tiny_llama
+
+    if not (default_model_dir() / "tokenizer.json").is_file():
+        load_default_model()
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    folder = tmp_path_factory.mktemp("tiny-chat")
+    tiny_llama(seed=0, vocab=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

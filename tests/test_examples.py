@@ -39,23 +39,6 @@ def test_estimate_fisher_example_on_two_processes(tmp_path):
     assert factors.metadata.n_sequences == 5 and factors.metadata.n_tokens == 5 * 31
 
 
-@pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory):
-    """A tiny Llama with the default model's tokenizer (chat template), saved as a normal HF folder."""
-    from transformers import AutoTokenizer
-
-    from hf_fisher.models import default_model_dir, load_default_model
-    from tests.helpers import tiny_llama
-
-    if not (default_model_dir() / "tokenizer.json").is_file():
-        load_default_model()
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
-    folder = tmp_path_factory.mktemp("tiny-chat")
-    tiny_llama(seed=0, vocab=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 UNLEARN_ARGS = ["--n_people", "10", "--per_device_train_batch_size", "2", "--max_steps", "2", "--use_cpu",
                 "--report_to", "none", "--save_strategy", "no", "--forget_percent", "25"]
 

@@ -38,7 +38,10 @@ def _train(tmp_path, model=None, resume=None, retain_curvature=None, **overrides
     return trainer
 
 
-def _retain_kl(model, start, rows) -> float:
+def _retain_kl(model, start, rows, all_tokens: bool = False) -> float:
+    """Mean over rows of the summed KL(start ‖ model) over answer tokens (or over every token)."""
+    if all_tokens:
+        rows = [{**r, "labels": list(r["input_ids"])} for r in rows]
     batch = pad_collate(rows, 0)
     with torch.no_grad():
         kl = sequence_kl(forward_logits(model, batch), forward_logits(start, batch), batch["labels"])
@@ -69,8 +72,8 @@ def test_step_equals_dense_damped_kfac_solve(tmp_path):
         d = torch.linalg.solve(dense, _vec(g)).reshape(g.shape[1], g.shape[0]).T
         directions[name] = d
         g_dot_d += float((g * d).sum())
-    tokens_per_sequence = factors.metadata.n_tokens / factors.metadata.n_sequences
-    eta = math.sqrt(2 * 0.01 * tokens_per_sequence / g_dot_d)
+    answer_tokens = sum(sum(1 for label in r["labels"][1:] if label != -100) for r in RETAIN) / len(RETAIN)
+    eta = math.sqrt(2 * 0.01 * answer_tokens / g_dot_d)  # ε is per answer token
     for name, d in directions.items():
         torch.testing.assert_close(update[f"{name}.weight"].double(), -eta * d, rtol=2e-3, atol=1e-6)
     # the update is what moved the weights, and only the block linears moved
@@ -82,19 +85,21 @@ def test_step_equals_dense_damped_kfac_solve(tmp_path):
             assert torch.equal(moved, torch.zeros_like(moved)), name
 
 
-def test_predicted_retain_kl_matches_measured_to_first_order(tmp_path):
-    """Along one layer (K-FAC is block-diagonal) and for small ε, the measured retain KL is quadratic in the
-    step and close to K-FAC's prediction ½ΔᵀG_RΔ."""
+@pytest.mark.parametrize("tokens", ["answer", "all"])
+def test_predicted_retain_kl_matches_measured_to_first_order(tmp_path, tokens):
+    """Along one layer (K-FAC is block-diagonal) and for small ε, the measured retain KL (over the tokens the
+    curvature covers) is quadratic in the step and close to K-FAC's prediction ½ΔᵀG_RΔ."""
     start = tiny_llama(seed=0)
     retain = qa_rows(48, seed=2)
     results = []
     for eps in (3e-5, 1e-5):
         model = copy.deepcopy(start)
-        args = _args(tmp_path, kfade_epsilon=eps, per_device_train_batch_size=8,
+        args = _args(tmp_path, kfade_epsilon=eps, per_device_train_batch_size=8, kfade_curvature_tokens=tokens,
                      kfade_target_modules=r".*layers\.1\.mlp\.down_proj")
         trainer = KFADETrainer(model, args, forget_dataset=FORGET, retain_dataset=retain)
         trainer.train()
-        results.append((trainer.kfade_optimizer().last_step["predicted_kl"], _retain_kl(model, start, retain)))
+        measured = _retain_kl(model, start, retain, all_tokens=tokens == "all")
+        results.append((trainer.kfade_optimizer().last_step["predicted_kl"], measured))
     (p1, m1), (p2, m2) = results
     assert p1 / p2 == pytest.approx(3.0, rel=1e-6)  # the prediction is linear in ε by construction
     assert m1 / m2 == pytest.approx(3.0, rel=0.1)  # the measured KL is in its quadratic regime
@@ -128,17 +133,31 @@ def test_backtracking_keeps_the_measured_kl_within_tolerance(tmp_path):
     trainer = _train(tmp_path, kfade_epsilon=0.5, kfade_backtracking=True, kfade_backtrack_tolerance=0.005,
                      kfade_max_backtracks=12, kfade_probe_size=24)
     last = trainer.kfade_optimizer().last_step
-    epsilon_seq = 0.5 * trainer.retain_curvature.metadata.n_tokens / trainer.retain_curvature.metadata.n_sequences
-    assert last["backtracks"] >= 1
+    epsilon_seq = 0.5 * trainer.kfade_optimizer().tokens_per_sequence
+    assert last["backtracks"] >= 1 and last["rejected"] == 0
     assert last["measured_kl"] <= 0.005 * epsilon_seq
     assert _retain_kl(trainer.model, start, RETAIN) == pytest.approx(last["measured_kl"], rel=1e-4)
     logged = [e for e in trainer.state.log_history if "kfade_measured_kl" in e]
     assert logged and logged[0]["kfade_backtracks"] == last["backtracks"]
 
 
+def test_a_step_still_over_budget_after_backtracking_is_undone(tmp_path):
+    start = tiny_llama(seed=0)
+    trainer = _train(tmp_path, kfade_epsilon=0.5, kfade_backtracking=True, kfade_backtrack_tolerance=1e-9,
+                     kfade_max_backtracks=1, kfade_probe_size=24)
+    last = trainer.kfade_optimizer().last_step
+    assert last["rejected"] == 1 and last["eta"] == 0 and last["backtracks"] == 1
+    assert last["measured_kl"] == pytest.approx(0.0, abs=1e-6)
+    for (name, p), q in zip(trainer.model.named_parameters(), start.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-6, msg=name)
+    assert all(float(u.abs().max()) == 0 for u in trainer.unlearning_update().values())
+
+
 def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="kfade_epsilon must be > 0"):
         _args(tmp_path, kfade_epsilon=0.0)
+    with pytest.raises(ValueError, match="kfade_curvature_tokens must be"):
+        _args(tmp_path, kfade_curvature_tokens="prompt")
     with pytest.raises(ValueError, match="retain data"):
         KFADETrainer(tiny_llama(), _args(tmp_path), forget_dataset=FORGET)
     peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))

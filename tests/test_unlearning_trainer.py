@@ -112,6 +112,10 @@ def test_data_errors_name_the_problem():
         UnlearningTrainer(model, args, forget_dataset=rows)
     with pytest.raises(ValueError, match="unknown unlearning_loss"):
         UnlearningArguments(output_dir="unused", unlearning_loss="npo2")
+    # a merged PEFT model comes back frozen: say so instead of failing inside autograd
+    merged = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])).merge_and_unload()
+    with pytest.raises(ValueError, match="no trainable parameters.*requires_grad_"):
+        UnlearningTrainer(merged, args, forget_dataset=rows[:2], retain_dataset=rows[2:])
     # the pairing is a function of (seed, index) only
     ds = ForgetRetainDataset(rows[:2], rows[2:], seed=5)
     assert [ds.retain_index(i) for i in range(2)] == [ForgetRetainDataset(rows[:2], rows[2:], seed=5).retain_index(i)

@@ -130,6 +130,8 @@ class UnlearningTrainer(Trainer):
     Logs ``forget_loss`` and ``retain_loss`` beside the total ``loss``.
     """
 
+    _checks_trainable_parameters = True  # K-FADE chooses its own trainable tensors
+
     def __init__(
         self,
         model: nn.Module | None = None,
@@ -146,6 +148,10 @@ class UnlearningTrainer(Trainer):
     ):
         if model is None:
             raise ValueError("UnlearningTrainer needs a model")
+        if self._checks_trainable_parameters and not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(
+                "the model has no trainable parameters (a model from PEFT's merge_and_unload keeps its base weights "
+                "frozen); call model.requires_grad_(True) first, or pass the PEFT model to unlearn its adapter")
         if args is None:
             args = UnlearningArguments(output_dir="unlearning_output")
         if unlearning_loss is None:
