@@ -352,18 +352,33 @@ def finetune(args: FinetuneArguments, training: FinetuneTrainingArguments) -> di
     loss = _train_loss(trainer)
     world = trainer.args.world_size
 
-    if trainer.is_world_process_zero():
-        settings = {"data": description, "learning_rate": training.learning_rate, "steps": trainer.state.global_step,
-                    "fisher_penalty": training.fisher_penalty}
-        if training.fisher_penalty != "none":
-            settings["fisher_lambda"] = training.fisher_lambda
-        metrics = {"fine-tuning": {"final train loss": loss}} if loss is not None and math.isfinite(loss) else None
-        _save(args, peft_model, partial, base_name, settings, metrics)
-        tokenizer.save_pretrained(str(partial))
-        partial.rename(out)
+    with _full_parameters(trainer):  # every process enters (FSDP gathers collectively); the main one saves
+        if trainer.is_world_process_zero():
+            settings = {"data": description, "learning_rate": training.learning_rate,
+                        "steps": trainer.state.global_step, "fisher_penalty": training.fisher_penalty}
+            if training.fisher_penalty != "none":
+                settings["fisher_lambda"] = training.fisher_lambda
+            metrics = {"fine-tuning": {"final train loss": loss}} if loss is not None and math.isfinite(loss) else None
+            _save(args, peft_model, partial, base_name, settings, metrics)
+            tokenizer.save_pretrained(str(partial))
+            partial.rename(out)
     trainer.accelerator.wait_for_everyone()
     return {"output_dir": str(out), "method": args.method, "world_size": world, "train_loss": loss,
             "trainable_parameters": trainable, "data": description}
+
+
+def _full_parameters(trainer):
+    """Under FSDP the parameters are shards: gather them (a collective on every process) while the main one saves.
+
+    DDP and DeepSpeed ZeRO-2 keep whole parameters on every process, so nothing is needed there.
+    """
+    import contextlib
+
+    if getattr(trainer, "is_fsdp_enabled", False):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(trainer.model_wrapped, writeback=False)
+    return contextlib.nullcontext()
 
 
 def _save(args: FinetuneArguments, peft_model, folder: Path, base_name: str, settings: dict, metrics) -> None:
