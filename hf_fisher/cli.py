@@ -461,6 +461,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     try:
         report = evaluate_unlearning(model, data, tokenizer, retain_model=retain, original_model=original,
                                      forget_split=forget, retain_split=retain_split, attacks=attacks,
+                                     world_split=None if args.no_world_facts else "world_facts",
                                      max_retain_rows=args.max_retain_rows, relearning_steps=args.relearning_steps,
                                      name=args.name, output_dir=tmp)
         tmp.rename(out)
@@ -658,6 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="comma-separated: relearning, quantization ('' for none)")
     evaluate.add_argument("--relearning-steps", type=int, default=20)
     evaluate.add_argument("--max-retain-rows", type=int, default=200, help="retain questions scored")
+    evaluate.add_argument("--no-world-facts", action="store_true",
+                          help="skip the 43 real-world questions (faster; model utility then omits them)")
     evaluate.add_argument("--name", default="model", help="file stem of the report")
     evaluate.add_argument("--output-dir", required=True, help="new folder for the report")
     evaluate.set_defaults(func=run_evaluate)
