@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import HfArgumentParser  # noqa: E402
 
-from hf_fisher.finetune import FinetuneArguments, FinetuneTrainingArguments, finetune  # noqa: E402
+from hf_fisher.finetuning import FinetuneArguments, FinetuneTrainingArguments, finetune  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -284,10 +284,10 @@ def _staging_dir(out: Path) -> Path:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    """Fine-tune with LoRA / FWSVD / RandLoRA / LQ-LoRA (hf_fisher.finetune, shared with examples/finetune.py)."""
+    """Fine-tune with LoRA / FWSVD / RandLoRA / LQ-LoRA (hf_fisher.finetuning, shared with examples/finetune.py)."""
     import torch
 
-    from hf_fisher.finetune import FinetuneArguments, FinetuneTrainingArguments, finetune
+    from hf_fisher.finetuning import FinetuneArguments, FinetuneTrainingArguments, finetune
 
     _refuse_existing(args.output_dir)
     options = FinetuneArguments(
@@ -331,7 +331,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     import shutil
 
     from hf_fisher import estimate_diagonal_fisher, load_model
-    from hf_fisher.finetune import _check_lqlora_budget, check_rank, resolve_target_modules
+    from hf_fisher.finetuning import _check_lqlora_budget, check_rank, resolve_target_modules
     from hf_fisher.tuners.lqlora import LQLoraConfig, prepare_lqlora_model, save_lqlora_model
     from hf_fisher.tuners.lqlora.model import default_quant_grid, storage_report
 
@@ -382,7 +382,7 @@ def run_unlearn(args: argparse.Namespace) -> int:
     import torch
 
     from hf_fisher.cards import unlearning_card, write_card
-    from hf_fisher.finetune import load_finetuned
+    from hf_fisher.finetuning import load_finetuned
     from hf_fisher.trainers.unlearning import KFADEArguments, KFADETrainer, UnlearningArguments, UnlearningTrainer
 
     out = _refuse_existing(args.output_dir)
@@ -444,7 +444,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from hf_fisher import evaluate_unlearning
     from hf_fisher.evaluation.unlearning import ATTACKS
-    from hf_fisher.finetune import load_finetuned
+    from hf_fisher.finetuning import load_finetuned
 
     out = _refuse_existing(args.output_dir)
     attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())

@@ -94,7 +94,7 @@ def test_finetune_unlearn_evaluate_chain(tmp_path, tiny_chat_llama):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from hf_fisher.finetune import load_finetuned
+    from hf_fisher.finetuning import load_finetuned
 
     adapter, unlearned, report = tmp_path / "ft", tmp_path / "npo", tmp_path / "report"
     assert main(["finetune", "--method", "lora", "--model", str(tiny_chat_llama), "--n-people", "10", "--rank", "4",

@@ -218,7 +218,7 @@ def test_finetune_example_on_two_processes_with_the_ddp_config(tmp_path, tiny_ch
 def test_finetune_example_rejects_unknown_method(tmp_path):
     from transformers import HfArgumentParser
 
-    from hf_fisher.finetune import FinetuneArguments, FinetuneTrainingArguments
+    from hf_fisher.finetuning import FinetuneArguments, FinetuneTrainingArguments
 
     with pytest.raises(SystemExit):
         HfArgumentParser((FinetuneArguments, FinetuneTrainingArguments)).parse_args_into_dataclasses(
