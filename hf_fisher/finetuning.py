@@ -288,10 +288,7 @@ def finetune(args: FinetuneArguments, training: FinetuneTrainingArguments) -> di
     Returns ``{"output_dir", "method", "world_size", "train_loss", "trainable_parameters", "data"}``. Under
     ``accelerate launch`` every process trains; the main one writes the folder.
     """
-    from transformers import Trainer
-
-    from hf_fisher import FisherTrainer, load_model
-    from hf_fisher.data.facts import pad_collate
+    from hf_fisher import load_model
 
     check_arguments(args, training)
     out = Path(training.output_dir)
@@ -324,6 +321,25 @@ def finetune(args: FinetuneArguments, training: FinetuneTrainingArguments) -> di
         if training.process_index == 0 and partial.exists():
             shutil.rmtree(partial)
     training.output_dir = str(partial)
+    try:
+        return _train_and_save(args, training, model, tokenizer, config, rows, description, init_fisher,
+                               penalty_fisher, out, partial, base_name)
+    except BaseException:
+        if training.process_index == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        training.output_dir = str(out)
+
+
+def _train_and_save(args: FinetuneArguments, training: FinetuneTrainingArguments, model: nn.Module, tokenizer: Any,
+                    config: Any, rows: Any, description: str, init_fisher: Any, penalty_fisher: Any, out: Path,
+                    partial: Path, base_name: str) -> dict[str, Any]:
+    """Wrap, train and save (the second half of :func:`finetune`, after every check and Fisher estimate)."""
+    from transformers import Trainer
+
+    from hf_fisher import FisherTrainer
+    from hf_fisher.data.facts import pad_collate
 
     if args.method == "lqlora":
         from hf_fisher.tuners.lqlora import prepare_lqlora_model
@@ -344,7 +360,7 @@ def finetune(args: FinetuneArguments, training: FinetuneTrainingArguments) -> di
 
     common = dict(model=peft_model, args=training, train_dataset=rows,
                   data_collator=functools.partial(pad_collate, pad_token_id=tokenizer.pad_token_id))
-    if penalty_fisher is not None:
+    if penalty_fisher is not None or training.online_fisher != "none":
         trainer = FisherTrainer(**common, fisher=penalty_fisher)
     else:
         trainer = Trainer(**common)
@@ -361,6 +377,13 @@ def finetune(args: FinetuneArguments, training: FinetuneTrainingArguments) -> di
             metrics = {"fine-tuning": {"final train loss": loss}} if loss is not None and math.isfinite(loss) else None
             _save(args, peft_model, partial, base_name, settings, metrics)
             tokenizer.save_pretrained(str(partial))
+            if getattr(trainer, "online_fisher", None) is not None:  # what `hf-fisher merge` reuses
+                from hf_fisher.trainers.fisher import FISHER_SUBFOLDER
+
+                trainer.online_fisher.save_pretrained(
+                    partial / FISHER_SUBFOLDER, model_name_or_path=base_name,
+                    data_description=f"online ({training.online_fisher}), training gradients on {description}",
+                )
             partial.rename(out)
     trainer.accelerator.wait_for_everyone()
     return {"output_dir": str(out), "method": args.method, "world_size": world, "train_loss": loss,
@@ -414,9 +437,9 @@ def load_finetuned(folder: str | Path, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` from a :func:`finetune` folder, the adapter merged into a plain transformers model.
 
     LoRA, FWSVD and RandLoRA adapters are loaded on the base model recorded in ``adapter_config.json`` and merged;
-    an LQ-LoRA folder cannot be merged into its quantized base and is refused. A folder without an adapter is
-    loaded as a full model. Used by ``hf-fisher unlearn`` / ``evaluate`` so that a fine-tuned adapter can be
-    unlearned and evaluated directly.
+    an LQ-LoRA folder cannot be merged into its quantized base and is refused. Anything else (a full model folder,
+    a Hub id, ``"default"``) goes to :func:`~hf_fisher.load_model`. Used by ``hf-fisher unlearn`` / ``evaluate``
+    so that a fine-tuned adapter can be unlearned and evaluated directly.
     """
     import json
 
@@ -426,9 +449,7 @@ def load_finetuned(folder: str | Path, dtype: torch.dtype = torch.float32):
 
     folder = Path(folder)
     config_file = folder / "adapter_config.json"
-    if not folder.is_dir():
-        raise ValueError(f"{str(folder)!r} is not a folder; pass a model or adapter folder.")
-    if not config_file.is_file():
+    if not config_file.is_file():  # a full model: a folder, a Hub id or "default"
         return load_model(str(folder), dtype=dtype)
     if (folder / "lqlora_base.json").is_file():
         raise ValueError(f"{folder} is an LQ-LoRA model (quantized base); it cannot be merged into a plain model. "

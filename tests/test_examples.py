@@ -169,7 +169,7 @@ def test_finetune_example_other_methods(method, tmp_path, tiny_chat_llama, capsy
     out = tmp_path / method
     extra = ["--lqlora_budget", "3.0"] if method == "lqlora" else []
     if method == "lora":
-        extra = ["--fisher_penalty", "diagonal", "--fisher_lambda", "10"]
+        extra = ["--fisher_penalty", "diagonal", "--fisher_lambda", "10", "--online_fisher", "mean"]
     result = example.main(["--method", method, *_finetune_args(tiny_chat_llama, out, *extra)])
     printed = capsys.readouterr().out
     assert result["world_size"] == 1 and result["output_dir"] == str(out)
@@ -192,8 +192,14 @@ def test_finetune_example_other_methods(method, tmp_path, tiny_chat_llama, capsy
     trained = _logits(model, ids)
     assert torch.isfinite(trained).all()
     assert (trained - untrained).abs().max() > 1e-4
-    if method == "lora":  # FisherTrainer ran: the penalty is logged next to the loss
+    if method == "lora":  # FisherTrainer ran: the penalty is logged, the online Fisher saved for `hf-fisher merge`
+        from hf_fisher import DiagonalFisher
+
         assert "fisher_penalty" in printed
+        fisher = DiagonalFisher.from_pretrained(out / "fisher")
+        lora_layers = {n for n, _ in model.named_modules() if n.endswith("q_proj")}
+        assert {f"{n}.base_layer.weight" for n in lora_layers} <= set(fisher)
+        assert all(bool((t >= 0).all()) and bool(t.any()) for t in fisher.values())
 
 
 @pytest.mark.multiprocess
