@@ -12,8 +12,10 @@ answers only), a packaged text corpus or a local file, and saves the adapter wit
 * ``lqlora``: :func:`~hf_fisher.save_lqlora_model` (quantized base + adapter, reload with ``load_lqlora_model``).
 
 Every argument is checked (method, data columns, rank against every target layer, penalty support) before the
-model is modified, and the result is written atomically: into a hidden ``.NAME.partial`` folder, renamed to
-``output_dir`` at the end; an existing ``output_dir`` is refused. Runs unchanged under ``accelerate launch``.
+model is modified, and the result is written atomically: into a hidden ``.NAME.partial`` folder (the Trainer's
+output_dir), renamed to ``output_dir`` at the end; an existing ``output_dir`` is refused. Runs unchanged under
+``accelerate launch``. Checkpoints (``save_strategy="steps"``) end up in ``output_dir/checkpoint-*``; a failed
+run's staging folder is removed, so resuming a crashed run is not supported by this entry point.
 """
 
 from __future__ import annotations
