@@ -11,6 +11,12 @@ from hf_fisher.curvature import (  # noqa: E402
 )
 from hf_fisher.data import build_fictitious_facts  # noqa: E402
 from hf_fisher.evaluation import evaluate_unlearning  # noqa: E402
+from hf_fisher.finetuning import (  # noqa: E402
+    FinetuneArguments,
+    FinetuneTrainingArguments,
+    finetune,
+    load_finetuned,
+)
 from hf_fisher.hub import publish  # noqa: E402
 from hf_fisher.lowrank import fisher_weights, weighted_low_rank  # noqa: E402
 from hf_fisher.merging import fisher_merge  # noqa: E402
@@ -53,6 +59,8 @@ from hf_fisher.tuners.randlora import (  # noqa: E402
 __all__ = [
     "DiagonalFisher",
     "FastRandLoraConfig",
+    "FinetuneArguments",
+    "FinetuneTrainingArguments",
     "FisherTrainer",
     "FisherTrainingArguments",
     "KFACFactors",
@@ -72,12 +80,14 @@ __all__ = [
     "evaluate_unlearning",
     "export_bitsandbytes",
     "export_dequantized",
+    "finetune",
     "fisher_merge",
     "fisher_weights",
     "initialize_fisher_basis",
     "initialize_lora_fwsvd",
     "load_compressed_model",
     "load_default_model",
+    "load_finetuned",
     "load_fwsvd_for_training",
     "load_lqlora_model",
     "load_model",
