@@ -126,7 +126,8 @@ def _plot(rows: dict[str, dict[str, float]], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    columns = ["forget p", "forget ROUGE-L", "retain p", "retain ROUGE-L", "world p"]
+    wanted = ["forget p", "forget ROUGE-L", "retain p", "retain ROUGE-L", "world p"]
+    columns = [c for c in wanted if any(c in row for row in rows.values())]
     fig, ax = plt.subplots(figsize=(8, 3.8))
     width = 0.8 / max(len(rows), 1)
     x = np.arange(len(columns))

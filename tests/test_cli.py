@@ -10,7 +10,7 @@ from hf_fisher.cli import main, per_block_summary
 def test_fast_demo_runs_the_main_job_and_saves_every_artefact(tmp_path, capsys):
     import json
 
-    from hf_fisher import load_unlearning_update
+    from hf_fisher.trainers.unlearning import load_unlearning_update
     from hf_fisher.demo import MARKER
 
     out = tmp_path / "demo"
