@@ -10,8 +10,8 @@ from hf_fisher.cli import main, per_block_summary
 def test_fast_demo_runs_the_main_job_and_saves_every_artefact(tmp_path, capsys):
     import json
 
-    from hf_fisher.trainers.unlearning import load_unlearning_update
     from hf_fisher.demo import MARKER
+    from hf_fisher.trainers.unlearning import load_unlearning_update
 
     out = tmp_path / "demo"
     assert main(["demo", "--fast", "--output-dir", str(out)]) == 0
