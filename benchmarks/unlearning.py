@@ -333,7 +333,8 @@ default=0)} steps), {args.seeds} seed(s) each; retain term = retain NLL (GradDif
 steps over the whole forget set, ε = {args.kfade_epsilon:g} nats per retain answer token and step, damping 0.1 × mean
 eigenvalue, backtracking on a 16-row retain probe (wall time includes the curvature pass). SSD: empirical
 batch-reduced diagonal Fishers of forget and retain sets, α = {args.ssd_alpha:g}, λ = {args.ssd_lam:g} (one run).
-Machine: 2 CPU cores, torch threads {args.threads}; shared with other jobs while it ran, so times are indicative.
+Machine: 2 CPU cores, torch threads {args.threads}. Wall times move with machine load; the compute column
+(token-passes through the model) does not.
 
 FQ = forget quality (KS p-value vs the retain model, higher is better, 1 = retain model); MU = model utility
 (harmonic mean of probability, ROUGE-L recall and truth-ratio score on retain and world facts; ROUGE-L on the

@@ -14,7 +14,7 @@ from scipy import stats
 
 from hf_fisher.evaluation import metrics as M
 from hf_fisher.evaluation.scoring import mean_kl_to, score_answers
-from tests.helpers import qa_rows, tiny_llama
+from tests.helpers import qa_rows, tiny_gpt2, tiny_llama
 
 
 def test_truth_ratio_and_aggregates():
@@ -131,3 +131,30 @@ def test_score_answers_matches_a_per_sequence_loop():
             assert float(scores.z_scores[i][j]) == pytest.approx((float(logp[t, y]) - mu) / sd, rel=1e-4, abs=1e-4)
         expected_kl = np.mean([float((q[t].exp() * (q[t] - logp[t])).sum()) for t in positions])
         assert kl[i] == pytest.approx(expected_kl, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_shared_prompt_scoring_equals_full_sequence_scoring(make_model):
+    """Rows with common prompts (several answers per question, a group split across passes, prompts of different
+    lengths) score the same with one prompt pass per question as with full sequences."""
+    model = make_model(seed=3)
+    g = torch.Generator().manual_seed(7)
+    rows = []
+    for q in range(4):
+        prompt = torch.randint(1, 96, (3 + q,), generator=g).tolist()
+        for _ in range(1 + 2 * q):  # 1, 3, 5, 7 answers
+            answer = torch.randint(1, 96, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
+            rows.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    rows = rows[::2] + rows[1::2]  # members of a group are not adjacent
+    shared = score_answers(model, rows, pad_token_id=0, batch_size=4)
+    full = score_answers(model, rows, pad_token_id=0, batch_size=4, share_prompts=False)
+    for a, b in zip(shared.token_log_probs + shared.z_scores, full.token_log_probs + full.z_scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert [h.tolist() for h in shared.hits] == [h.tolist() for h in full.hits]
+
+
+def test_score_answers_rejects_rows_without_answers_before_any_pass():
+    model = tiny_llama()
+    rows = qa_rows(3, seed=0) + [{"input_ids": [5, 6, 7], "labels": [-100, -100, -100]}]
+    with pytest.raises(ValueError, match="no answer tokens"):
+        score_answers(model, rows, pad_token_id=0)

@@ -40,7 +40,7 @@ from torch import nn
 from hf_fisher.data.facts import format_question_answer, generate_answers
 from hf_fisher.evaluation import metrics as M
 from hf_fisher.evaluation.attacks import QUANTIZATION_MODES, quantization_attack, relearning_attack
-from hf_fisher.evaluation.scoring import mean_kl_to, score_answers
+from hf_fisher.evaluation.scoring import AnswerScores, mean_kl_to, score_answers
 
 ATTACKS = ("relearning", "quantization")
 MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
@@ -106,41 +106,35 @@ class _Scorer:
                                      use_aggregator=False)
         return list(scores["rougeL_recall"])
 
-    def answers(self, model: nn.Module, rows: _Rows) -> dict[str, list[float]]:
-        """Per-row probability, extraction strength, exact memorisation and membership scores of true answers."""
-        s = score_answers(model, rows.true, pad_token_id=self.pad, batch_size=self.batch_size)
+    def answers(self, model: nn.Module, rows: _Rows, *, perturbed: bool, paraphrased: bool) -> dict[str, Any]:
+        """Per-row probability, extraction strength, exact memorisation and membership scores of true answers,
+        with the mean log-probs of the paraphrased and perturbed answers when asked — all in one scoring call, so
+        that the answers of a question share one prompt pass."""
+        flat = [p for group in rows.perturbed for p in group] if perturbed else []
+        candidates = rows.true + (rows.paraphrased if paraphrased else []) + flat
+        s = score_answers(model, candidates, pad_token_id=self.pad, batch_size=self.batch_size * 4)
+        n = len(rows)
         mean_lp = s.mean_log_probs()
-        return {
-            "probability": np.exp(mean_lp).tolist(),
-            "extraction_strength": [M.extraction_strength(h) for h in s.hits],
-            "exact_memorization": [M.exact_memorization(h) for h in s.hits],
-            "mean_log_prob": mean_lp.tolist(),
-            "mia_loss": mean_lp.tolist(),
-            "mia_zlib": [M.zlib_score(t, a) for t, a in zip(s.total_log_probs(), rows.answers, strict=True)],
-            "mia_min_k": [M.min_k_percent(t, self.min_k) for t in s.token_log_probs],
-            "mia_min_k_plus_plus": [M.min_k_percent(z, self.min_k) for z in s.z_scores],
+        true = AnswerScores(s.token_log_probs[:n], s.hits[:n], s.z_scores[:n])
+        out: dict[str, Any] = {
+            "probability": np.exp(mean_lp[:n]).tolist(),
+            "extraction_strength": [M.extraction_strength(h) for h in true.hits],
+            "exact_memorization": [M.exact_memorization(h) for h in true.hits],
+            "mean_log_prob": mean_lp[:n].tolist(),
+            "mia_loss": mean_lp[:n].tolist(),
+            "mia_zlib": [M.zlib_score(t, a) for t, a in zip(true.total_log_probs(), rows.answers, strict=True)],
+            "mia_min_k": [M.min_k_percent(t, self.min_k) for t in true.token_log_probs],
+            "mia_min_k_plus_plus": [M.min_k_percent(z, self.min_k) for z in true.z_scores],
         }
-
-    def truth_ratios(self, model: nn.Module, rows: _Rows) -> list[float]:
-        para = score_answers(model, rows.paraphrased, pad_token_id=self.pad, batch_size=self.batch_size,
-                             z_scores=False)
-        flat = [p for group in rows.perturbed for p in group]
-        pert = score_answers(model, flat, pad_token_id=self.pad, batch_size=self.batch_size,
-                             z_scores=False).mean_log_probs()
-        out, start = [], 0
-        for lp_para, group in zip(para.mean_log_probs(), rows.perturbed, strict=True):
-            out.append(M.truth_ratio(lp_para, pert[start : start + len(group)].tolist()))
-            start += len(group)
-        return out
-
-    def world_probability(self, model: nn.Module, rows: _Rows, true_log_probs: list[float]) -> list[float]:
-        flat = [p for group in rows.perturbed for p in group]
-        wrong = score_answers(model, flat, pad_token_id=self.pad, batch_size=self.batch_size,
-                              z_scores=False).mean_log_probs()
-        out, start = [], 0
-        for lp, group in zip(true_log_probs, rows.perturbed, strict=True):
-            out.append(M.normalised_probability(lp, wrong[start : start + len(group)].tolist()))
-            start += len(group)
+        rest = mean_lp[n:]
+        if paraphrased:
+            out["_paraphrased"], rest = rest[:n], rest[n:]
+        if perturbed:
+            groups, start = [], 0
+            for group in rows.perturbed:
+                groups.append(rest[start : start + len(group)].tolist())
+                start += len(group)
+            out["_perturbed"] = groups
         return out
 
     def rouge(self, model: nn.Module, rows: _Rows) -> list[float]:
@@ -150,11 +144,14 @@ class _Scorer:
     def split(self, model: nn.Module, rows: _Rows, *, truth: bool = True, rouge: bool = True,
               world: bool = False) -> dict[str, Any]:
         """Per-row metrics of one split, with their means under ``"mean"``."""
-        per_row = self.answers(model, rows)
-        if world:
-            per_row["probability"] = self.world_probability(model, rows, per_row["mean_log_prob"])
+        per_row = self.answers(model, rows, perturbed=truth or world, paraphrased=truth)
+        paraphrased, perturbed = per_row.pop("_paraphrased", None), per_row.pop("_perturbed", None)
+        if world:  # the true answer's probability normalised over the true and perturbed answers
+            per_row["probability"] = [M.normalised_probability(lp, wrong) for lp, wrong in
+                                      zip(per_row["mean_log_prob"], perturbed, strict=True)]
         if truth:
-            per_row["truth_ratio"] = self.truth_ratios(model, rows)
+            per_row["truth_ratio"] = [M.truth_ratio(lp, wrong) for lp, wrong in
+                                      zip(paraphrased, perturbed, strict=True)]
         if rouge:
             per_row["rougeL_recall"] = self.rouge(model, rows)
         means = {k: float(np.mean(v)) for k, v in per_row.items() if not k.startswith("mia_")}
