@@ -18,6 +18,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from hf_fisher.files import staged_folder
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -97,9 +99,6 @@ def run_fisher(args: argparse.Namespace) -> int:
 
 def run_compress(args: argparse.Namespace) -> int:
     """Factorize a model's linear layers (FWSVD with a Fisher, plain SVD without) and save it atomically."""
-    import shutil
-    import tempfile
-
     from transformers import AutoModelForCausalLM
 
     from hf_fisher import DiagonalFisher, compress_fwsvd, estimate_diagonal_fisher, load_default_model
@@ -126,15 +125,10 @@ def run_compress(args: argparse.Namespace) -> int:
     elif args.fisher is not None:
         fisher = DiagonalFisher.from_pretrained(args.fisher, model=model)
     ranks = compress_fwsvd(model, fisher, rank=args.rank, ratio=args.ratio, target_modules=targets, side=args.side)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     method = "FWSVD" if fisher is not None else "plain SVD"
     print(f"Compressed {len(ranks)} layers with {method}; saved to {out} (load with hf_fisher.load_compressed_model).")
     return 0
@@ -215,9 +209,6 @@ def _merge_fisher(model, path: str, spec: str, is_adapter: bool, tokenizer, args
 
 def run_merge(args: argparse.Namespace) -> int:
     """Merge full models or LoRA adapters by Fisher-weighted averaging and save the result atomically."""
-    import shutil
-    import tempfile
-
     from hf_fisher import fisher_merge
 
     if len(args.models) < 2:
@@ -238,15 +229,10 @@ def run_merge(args: argparse.Namespace) -> int:
     merged = fisher_merge(models, fishers, weights=args.weights, eps=args.eps, normalize=args.normalize,
                           lora_output=args.lora_output, lora_rank=args.lora_rank)
     seconds = time.perf_counter() - start
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         merged.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     what = f"LoRA adapters ({args.lora_output})" if is_adapter else "models"
     print(f"Merged {len(models)} {what} in {seconds:.2f} s; saved to {out}.")
     return 0
@@ -261,14 +247,6 @@ def _refuse_existing(path: str) -> Path:
     if out.exists():
         raise ValueError(f"--output-dir {out} exists already; choose a new folder (nothing is overwritten).")
     return out
-
-
-def _staging_dir(out: Path) -> Path:
-    """A fresh hidden folder next to ``out``; renamed to ``out`` once everything is written."""
-    import tempfile
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
 
 
 def run_finetune(args: argparse.Namespace) -> int:
@@ -316,8 +294,6 @@ def _parse_grid(spec: str) -> list[dict]:
 
 def run_quantize(args: argparse.Namespace) -> int:
     """LQ-LoRA: NF-quantize a model's linear layers under a bit budget (ILP) + LoRA on the remainder; save it."""
-    import shutil
-
     from hf_fisher import estimate_diagonal_fisher, load_model
     from hf_fisher.finetuning import _check_lqlora_budget, check_rank, resolve_target_modules
     from hf_fisher.tuners.lqlora import LQLoraConfig, prepare_lqlora_model, save_lqlora_model
@@ -340,13 +316,9 @@ def run_quantize(args: argparse.Namespace) -> int:
         fisher = estimate_diagonal_fisher(model, loader, target_modules=targets, data_description=args.corpus)
     peft_model = prepare_lqlora_model(model, config, fisher=fisher)
     report = storage_report(peft_model)
-    tmp = _staging_dir(out)
-    try:
+    with staged_folder(out) as tmp:
         save_lqlora_model(peft_model, tmp, training={"calibration": args.corpus if fisher is not None else "none"})
         tokenizer.save_pretrained(tmp)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"LQ-LoRA: {len(targets)} target names, {report['quantized_bits_per_parameter']:.3f} bits per quantized "
           f"parameter ({'Fisher-weighted' if fisher is not None else 'unweighted'}); saved to {out} "
           "(load with hf_fisher.load_lqlora_model).")
@@ -381,8 +353,7 @@ def run_unlearn(args: argparse.Namespace) -> int:
         raise ValueError(f"--forget-percent must lie in (0, 100), got {args.forget_percent}.")
     model, tokenizer = load_finetuned(args.model) if args.model else _default_model()
     data, forget, retain = _facts_splits(tokenizer, args.n_people, args.facts_seed, args.forget_percent)
-    tmp = _staging_dir(out)
-    try:
+    with staged_folder(out) as tmp:
         common = dict(output_dir=str(tmp / "trainer"), max_steps=args.max_steps, num_train_epochs=args.epochs,
                       per_device_train_batch_size=args.batch_size,
                       gradient_accumulation_steps=args.gradient_accumulation_steps, seed=args.seed,
@@ -412,9 +383,6 @@ def run_unlearn(args: argparse.Namespace) -> int:
             trainer.save_unlearning_update(tmp / "unlearning_update", forget_description=description)
         write_card(unlearning_card(method=method, base_model=str(args.model or "default"),
                                    forget_description=description, settings=settings, update_file=None), tmp)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"Unlearned {forget} with {method} in {trainer.state.global_step} steps; saved the model to {out}"
           + (f" and the update to {out / 'unlearning_update'}." if args.method == "kfade" else "."))
     return 0
@@ -428,8 +396,6 @@ def _default_model():
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """evaluate_unlearning of a model folder on the facts data; writes <name>.json, .md and .png atomically."""
-    import shutil
-
     from hf_fisher import evaluate_unlearning
     from hf_fisher.evaluation.unlearning import ATTACKS
     from hf_fisher.finetuning import load_finetuned
@@ -445,16 +411,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     retain = load_finetuned(args.retain_model)[0] if args.retain_model else None
     original = load_finetuned(args.original_model)[0] if args.original_model else None
     data, forget, retain_split = _facts_splits(tokenizer, args.n_people, args.facts_seed, args.forget_percent)
-    tmp = _staging_dir(out)
-    try:
+    with staged_folder(out) as tmp:
         report = evaluate_unlearning(model, data, tokenizer, retain_model=retain, original_model=original,
                                      forget_split=forget, retain_split=retain_split, attacks=attacks,
                                      world_split=None if args.no_world_facts else "world_facts",
                                      max_retain_rows=args.max_retain_rows, relearning_steps=args.relearning_steps,
                                      name=args.name, output_dir=tmp)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     _print_table([(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in report["summary"].items()],
                  ("metric", "value"))
     print(f"Report written to {out}/{args.name}.json, .md and .png.")

@@ -27,6 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo is offline by design; P
 
 import torch  # noqa: E402
 
+from hf_fisher.files import staged_folder  # noqa: E402
+
 REPORT_KEYS = (
     ("forget_probability", "forget p"), ("forget_rougeL_recall", "forget ROUGE-L"),
     ("forget_truth_ratio", "forget TR"), ("retain_probability", "retain p"),
@@ -82,20 +84,6 @@ def _check_output(output_dir: Path) -> None:
             f"{output_dir} exists and is not an earlier demo's output; pass another --output-dir (nothing was "
             "overwritten)."
         )
-
-
-def _prepare_output(output_dir: Path) -> Path:
-    """A scratch folder next to ``output_dir``, renamed to it when everything is written."""
-    _check_output(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-
-
-def _finish_output(scratch: Path, output_dir: Path) -> None:
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.chmod(scratch, 0o755)
-    scratch.rename(output_dir)
 
 
 def _fisher_loader(split, rows: int, batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
@@ -160,9 +148,8 @@ def run_demo(output_dir: str | os.PathLike = "hf_fisher_demo", *, fast: bool = F
 
     settings = settings or (DemoSettings.fast() if fast else DemoSettings.full())
     out = Path(output_dir)
-    scratch = _prepare_output(out)
     started = _START[0] = time.perf_counter()
-    try:
+    with staged_folder(out, replace=True) as scratch:  # _check_output: only an earlier demo's folder is replaced
         torch.manual_seed(settings.seed)
         _log("1/6", f"Loading {model_name or 'the default model (SmolLM2-135M-Instruct, offline)'} and "
                     f"{settings.n_people} fictitious people ...")
@@ -265,10 +252,6 @@ def run_demo(output_dir: str | os.PathLike = "hf_fisher_demo", *, fast: bool = F
         (scratch / MARKER).write_text(json.dumps(report, indent=1, default=str))
         (scratch / "demo_report.md").write_text(
             "# hf_fisher demo\n\n" + _markdown_table(rows) + "\n\n![report](demo_report.png)\n")
-        _finish_output(scratch, out)
-    finally:
-        if scratch.exists():
-            shutil.rmtree(scratch, ignore_errors=True)
     print()
     print(_markdown_table(rows))
     print()

@@ -16,12 +16,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from hf_fisher.files import staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -101,21 +101,14 @@ def _convert_gguf(target: Path) -> None:
     # The GGUF tokenizer comes with an unbounded model_max_length; the model's context is 8192.
     tokenizer.model_max_length = config.max_position_embeddings
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any other model folder
-        try:
-            os.rename(tmp, target)  # atomic; fails if another process already put a folder there
-        except OSError as err:
-            if not _is_converted(target):
-                raise RuntimeError(f"{target} exists but holds no converted model; delete it and retry") from err
-            logger.info("Another process converted the default model first; using its folder")
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with staged_folder(target) as tmp:  # the rename fails if another process already put a folder there
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except FileExistsError as err:
+        if not _is_converted(target):
+            raise RuntimeError(f"{target} exists but holds no converted model; delete it and retry") from err
+        logger.info("Another process converted the default model first; using its folder")
 
 
 def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str) -> None:

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 
 from hf_fisher.data.facts import build_fictitious_facts, pad_collate
+from hf_fisher.files import staged_folder
 from hf_fisher.models import cache_dir, load_model
 
 logger = logging.getLogger(__name__)
@@ -98,19 +98,10 @@ def finetune_on_facts(model: torch.nn.Module, tokenizer: Any, dataset: Any, reci
 
 
 def _save_atomically(model: torch.nn.Module, tokenizer: Any, target: Path, metadata: dict[str, Any]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with staged_folder(target, replace=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "hf_fisher_recipe.json").write_text(json.dumps(metadata, indent=1))
-        os.chmod(tmp, 0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def make_reference_models(recipe: FactsRecipe | None = None, *, force: bool = False) -> dict[str, Path]:
