@@ -106,7 +106,7 @@ def _unlearn(model, method: str, data, recipe: FactsRecipe, seed: int, cli) -> t
             accumulation = math.ceil(len(forget) / cli.batch_size)
             args = KFADEArguments(**common, per_device_train_batch_size=cli.batch_size,
                                   gradient_accumulation_steps=accumulation, max_steps=cli.kfade_steps,
-                                  kfade_epsilon=cli.kfade_epsilon,
+                                  kfade_epsilon=cli.kfade_epsilon, kfade_curvature_batches=cli.kfade_curvature_batches,
                                   kfade_curvature="ekfac" if method == "kfade_ekfac" else "kfac")
             trainer = KFADETrainer(model, args, forget_dataset=forget, retain_dataset=retain)
         else:
@@ -231,6 +231,11 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16, help="K-FADE / SSD batch size")
     parser.add_argument("--kfade_steps", type=int, default=5)
     parser.add_argument("--kfade_epsilon", type=float, default=0.05, help="retain KL budget per step and token")
+    parser.add_argument("--kfade_curvature_batches", type=int, default=None,
+                        help="retain batches (of --batch_size rows) for K-FADE's curvature (default: all)")
+    parser.add_argument("--sweep_epsilons", type=float, nargs="*", default=[],
+                        help="also run K-FADE (seed 0, no attacks) at each of these budgets: the forget/retain-KL "
+                             "frontier, compared with the baselines at equal forgetting")
     parser.add_argument("--ssd_alpha", type=float, default=10.0)
     parser.add_argument("--ssd_lam", type=float, default=1.0)
     parser.add_argument("--max_retain_rows", type=int, default=32, help="retain questions scored per model")
@@ -307,13 +312,109 @@ def main() -> None:
                       flush=True)
             del model
             write(out, args, recipe, recipe_seconds, rows, extra)
+    sweep = extra.setdefault("sweep", {})
+    for epsilon in args.sweep_epsilons:
+        key = sweep_key(epsilon, args)
+        if key in sweep:
+            print(f"sweep {key}: kept from the previous run", flush=True)
+            continue
+        point_args = argparse.Namespace(**{**vars(args), "kfade_epsilon": epsilon})
+        model, seconds, n_steps, units, _ = unlearn("kfade", folders["target"], data, recipe, 0, point_args)
+        result = evaluate(model, f"kfade-sweep-{key}")
+        sweep[key] = {"epsilon": epsilon, "steps": args.kfade_steps, "curvature_batches": args.kfade_curvature_batches,
+                      "batch_size": args.batch_size, "summary": result["summary"], "unlearning_seconds": seconds,
+                      "compute_units": units}
+        print(f"sweep {key}: forget p {result['summary']['forget_probability']:.3f}, retain KL "
+              f"{result['summary']['retain_kl']:.3g}, {units / 1e6:.3f} M token-passes", flush=True)
+        del model
+        write(out, args, recipe, recipe_seconds, rows, extra)
     write(out, args, recipe, recipe_seconds, rows, extra)
+
+
+def plot_frontier(rows: dict[str, list[dict]], extra: dict, path: Path) -> None:
+    """Forget answer probability against retain KL: every method (mean over seeds) and the K-FADE sweep as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for name, results in rows.items():
+        kl = [r["summary"].get("retain_kl") for r in results]
+        if name == "target" or any(v is None or v <= 0 for v in kl):
+            continue
+        x, y = float(np.mean(kl)), float(np.mean([r["summary"]["forget_probability"] for r in results]))
+        ax.scatter(x, y, s=36)
+        ax.annotate(name, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    groups: dict[tuple, list[dict]] = {}
+    for point in (extra.get("sweep") or {}).values():
+        groups.setdefault((point["steps"], point["curvature_batches"]), []).append(point)
+    for (steps, _), points in sorted(groups.items(), key=str):
+        points.sort(key=lambda p: p["epsilon"])
+        xs = [max(p["summary"]["retain_kl"], 1e-6) for p in points]
+        ys = [p["summary"]["forget_probability"] for p in points]
+        ax.plot(xs, ys, "k.-", lw=1, label=f"K-FADE sweep, {steps} step(s)")
+        for p, x, y in zip(points, xs, ys, strict=True):
+            ax.annotate(f"ε={p['epsilon']:g}", (x, y), fontsize=7, xytext=(3, -9), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("retain KL to the target, nats per answer token (lower is better)")
+    ax.set_ylabel("forget answer probability (lower = more forgotten)")
+    if groups:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sweep_key(epsilon: float, args) -> str:
+    """Name of one K-FADE sweep point: every setting that changes it."""
+    curvature = "all" if args.kfade_curvature_batches is None else args.kfade_curvature_batches * args.batch_size
+    return f"eps={epsilon:g},steps={args.kfade_steps},curvature_rows={curvature}"
+
+
+def sweep_section(rows: dict[str, list[dict]], extra: dict) -> str:
+    """The K-FADE budget sweep as markdown, and each baseline against the sweep at equal or stronger forgetting."""
+    sweep = extra.get("sweep") or {}
+    if not sweep:
+        return ""
+    points = sorted(sweep.values(), key=lambda p: (p["steps"], str(p["curvature_batches"]), p["epsilon"]))
+    keys = ("forget_probability", "forget_truth_ratio", "forget_quality", "model_utility", "retain_kl")
+    lines = ["| ε (nats/token/step) | steps | curvature rows | " + " | ".join(keys)
+             + " | compute (M token-passes) | time (s) |", "|" + "---|" * (len(keys) + 5)]
+    for p in points:
+        rows_used = "all" if p["curvature_batches"] is None else p["curvature_batches"] * p["batch_size"]
+        lines.append(f"| {p['epsilon']:g} | {p['steps']} | {rows_used} | "
+                     + " | ".join(fmt([p["summary"].get(k)]) for k in keys)
+                     + f" | {p['compute_units'] / 1e6:.3f} | {p['unlearning_seconds']:.0f} |")
+    matched = ["| baseline | its forget p | its retain KL | its compute | K-FADE point with forget p ≤ it and the "
+               "lowest retain KL | K-FADE retain KL | K-FADE compute |", "|---|---|---|---|---|---|---|"]
+    for name in ("grad_ascent", "grad_diff", "npo", "simnpo"):
+        if name not in rows:
+            continue
+        p_base = float(np.mean([r["summary"]["forget_probability"] for r in rows[name]]))
+        kl_base = float(np.mean([r["summary"]["retain_kl"] for r in rows[name]]))
+        units = float(np.mean([r["compute_units"] for r in rows[name]]))
+        stronger = [p for p in points if p["summary"]["forget_probability"] <= p_base]
+        if stronger:
+            best = min(stronger, key=lambda p: p["summary"]["retain_kl"])
+            strength = best["summary"]["forget_probability"]
+            cells = (f"ε {best['epsilon']:g}, {best['steps']} steps (forget p {strength:.3g})"
+                     f" | {best['summary']['retain_kl']:.3g} | {best['compute_units'] / units:.2f}×")
+        else:
+            cells = "none forgets as much | — | —"
+        matched.append(f"| {name} | {p_base:.3g} | {kl_base:.3g} | {units / 1e6:.3f} M | {cells} |")
+    return ("\n## K-FADE budget sweep (seed 0, no attacks)\n\nEach point is one K-FADE run from the target; compute "
+            "counts the curvature pass, the steps and the backtracking probes.\n\n" + "\n".join(lines)
+            + "\n\nAt equal or stronger forgetting (mean forget answer probability over seeds):\n\n"
+            + "\n".join(matched) + "\n")
 
 
 def write(out: Path, args, recipe, recipe_seconds, rows, extra) -> None:
     first = {name: results[0] for name, results in rows.items()}
     plot_forget_quality_vs_utility(
         {f"{name}-{i}": r for name, results in rows.items() for i, r in enumerate(results)}, out / f"{args.name}.png")
+    plot_frontier(rows, extra, out / f"{args.name}_frontier.png")
     (out / f"{args.name}.json").write_text(json.dumps(
         {**{name: [strip(r) for r in results] for name, results in rows.items()}, "_extra": [extra]}, indent=1,
         default=str))
@@ -351,8 +452,10 @@ Recovery = (m_attacked − m_unlearned) / (m_target − m_unlearned) on the forg
 .get('steps', '—')} AdamW steps (lr 1e-5, batch 8) on half of the forget people, scored on the other half.
 
 {attack_table(first)}
-{reapply_section(extra)}
+{reapply_section(extra)}{sweep_section(rows, extra)}
 ![forget quality vs model utility]({args.name}.png)
+
+![forget probability vs retain KL]({args.name}_frontier.png)
 """
     (out / f"{args.name}.md").write_text(text)
 
