@@ -78,7 +78,8 @@ class KFADEArguments(UnlearningArguments):
                                  "answer) or 'answer' (answer tokens only; can step far outside its model)."}
     )
     kfade_curvature_batches: int | None = field(
-        default=None, metadata={"help": "Retain batches for the curvature pass (None: the whole retain set)."}
+        default=None, metadata={"help": "Retain batches for the curvature pass, a seeded random subset of the retain "
+                                "rows (None: the whole retain set)."}
     )
     kfade_backtracking: bool = field(
         default=True, metadata={"help": "Halve a step while the measured retain KL exceeds the tolerance."}
@@ -314,7 +315,9 @@ class KFADETrainer(UnlearningTrainer):
     def estimate_retain_curvature(self) -> KFACFactors:
         """K-FAC (or EK-FAC) of the retain set at the current weights, this process's shard, all-reduced."""
         rank, world = self.args.process_index, self.args.world_size
-        rows = self.retain_rows[rank::world]
+        # a seeded shuffle, so that kfade_curvature_batches takes a random subset rather than the first people
+        order = torch.randperm(len(self.retain_rows), generator=torch.Generator().manual_seed(self.args.seed + 1))
+        rows = [self.retain_rows[i] for i in order.tolist()][rank::world]
         if self.args.kfade_curvature_tokens == "all":  # every token's output is protected, not only the answer's
             rows = [{**row, "labels": list(row["input_ids"])} for row in rows]
         batch = self.args.per_device_train_batch_size
