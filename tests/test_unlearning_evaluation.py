@@ -6,6 +6,7 @@ import copy
 import json
 
 import bitsandbytes as bnb
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -59,6 +60,11 @@ def test_report_and_reference_identities(tokenizer, facts, tmp_path):
     relearn = result["attacks"]["relearning"]
     assert relearn["n_train_rows"] == 3 and relearn["n_test_rows"] == 3  # one forget person each
     assert relearn["retain_model"]["forget"]["probability"] > 0
+    people = facts["forget25"]["person_id"]
+    held_out = [i for i, p in enumerate(people) if p != min(people)]  # the person the attack does not train on
+    per_row = result["splits"]["forget"]["per_row"]
+    for key in ("probability", "rougeL_recall", "extraction_strength"):  # "before" = the model's own scores
+        assert relearn["forget_before"][key] == pytest.approx(np.mean([per_row[key][i] for i in held_out]))
 
     written = json.loads((tmp_path / "tiny.json").read_text())
     assert written["summary"]["forget_quality"] == pytest.approx(1.0)

@@ -333,11 +333,12 @@ def _evaluate(bench: _Benchmark, model, retain_model, retain_reference, original
             summary[f"privleak_{attack}"] = M.privleak(summary[f"mia_auc_{attack}"],
                                                        retain_summary[f"mia_auc_{attack}"])
 
-    original_forget = None
+    original_forget = original_split = None
     if original_model is not None:
         summary["retain_kl"] = float(np.mean(mean_kl_to(model, original_model, retain.true,
                                                         pad_token_id=scorer.pad, batch_size=batch_size)))
-        original_forget = _forget_scores(scorer.split(original_model, forget, truth=False))
+        original_split = scorer.split(original_model, forget, truth=False)
+        original_forget = _forget_scores(original_split)
         result["original_model"] = {"forget": original_forget}
 
     result["attacks"] = {}
@@ -348,15 +349,27 @@ def _evaluate(bench: _Benchmark, model, retain_model, retain_reference, original
             result["attacks"][f"quantization_{mode}"] = {
                 "forget": attacked, "recovery": _recovery(attacked, unlearned, original_forget)}
     if "relearning" in attacks:
+        retain_module = retain_model if isinstance(retain_model, nn.Module) else None
         result["attacks"]["relearning"] = _relearning(
-            model, retain_model if isinstance(retain_model, nn.Module) else None, original_model, forget,
-            scorer, steps=relearning_steps, learning_rate=relearning_learning_rate, seed=seed)
+            model, splits["forget"], retain_module,
+            result["retain_model"]["splits"]["forget"] if retain_module is not None else None, original_split,
+            forget, scorer, steps=relearning_steps, learning_rate=relearning_learning_rate, seed=seed)
     return result
 
 
-def _relearning(model, retain_model, original_model, forget: _Rows, scorer: _Scorer, *, steps: int,
-                learning_rate: float, seed: int) -> dict[str, Any]:
-    """Fine-tune on the first half of the forget people, measure on the second half."""
+def _subset_scores(split: Mapping[str, Any], indices: Sequence[int]) -> dict[str, float]:
+    """``_forget_scores`` of the rows ``indices`` of an already scored split."""
+    per_row = split["per_row"]
+    return {k: float(np.mean([per_row[k][i] for i in indices]))
+            for k in ("probability", "rougeL_recall", "extraction_strength")}
+
+
+def _relearning(model, model_forget, retain_model, retain_forget, original_forget, forget: _Rows,
+                scorer: _Scorer, *, steps: int, learning_rate: float, seed: int) -> dict[str, Any]:
+    """Fine-tune on the first half of the forget people, measure on the second half.
+
+    ``*_forget`` are the forget-split scores already computed for each model (reused for the held-out half
+    before the attack, rather than scored again)."""
     people = sorted(set(forget.people))
     if len(people) >= 2:
         train_people = set(people[: len(people) // 2])
@@ -366,18 +379,17 @@ def _relearning(model, retain_model, original_model, forget: _Rows, scorer: _Sco
     test = [i for i in range(len(forget)) if i not in set(train)]
     train_rows, test_rows = forget.subset(train), forget.subset(test)
 
-    def attack(m):
-        before = _forget_scores(scorer.split(m, test_rows, truth=False))
+    def attack(m, scored):
         attacked = relearning_attack(m, train_rows.true, pad_token_id=scorer.pad, steps=steps,
                                      learning_rate=learning_rate, seed=seed)
-        return before, _forget_scores(scorer.split(attacked, test_rows, truth=False))
+        return _subset_scores(scored, test), _forget_scores(scorer.split(attacked, test_rows, truth=False))
 
-    before, after = attack(model)
-    original = _forget_scores(scorer.split(original_model, test_rows, truth=False)) if original_model else None
+    before, after = attack(model, model_forget)
+    original = _subset_scores(original_forget, test) if original_forget is not None else None
     out = {"steps": steps, "learning_rate": learning_rate, "n_train_rows": len(train), "n_test_rows": len(test),
            "forget_before": before, "forget": after, "recovery": _recovery(after, before, original)}
     if retain_model is not None:
-        retain_before, retain_after = attack(retain_model)
+        retain_before, retain_after = attack(retain_model, retain_forget)
         out["retain_model"] = {"forget_before": retain_before, "forget": retain_after,
                                "recovery": _recovery(retain_after, retain_before, original)}
     return out
