@@ -274,6 +274,9 @@ def main() -> None:
         retain_reference = extra["retain_reference"]
         rows: dict[str, list[dict]] = {"target": previous["target"], "retain": previous["retain"]}
         print("target, retain: kept from the previous run", flush=True)
+        for name, results in previous.items():  # methods not asked for this time stay in the tables as they were
+            if name not in ("_extra", "target", "retain") and name not in args.methods:
+                rows[name] = results
     else:
         # the retain model against itself: FQ 1 and PrivLeak 0 by definition; its attacks are the baseline
         retain_result = evaluate_unlearning(retain, data, tokenizer, original_model=target, name="retain", **common)
@@ -410,7 +413,35 @@ def sweep_section(rows: dict[str, list[dict]], extra: dict) -> str:
             + "\n".join(matched) + "\n")
 
 
+def ordered(rows: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """References first, then the methods in the order of BASELINES and FISHER_METHODS, then any others."""
+    order = ["target", "retain", *BASELINES, *FISHER_METHODS]
+    rank = {name: i for i, name in enumerate(order)}
+    return dict(sorted(rows.items(), key=lambda item: rank.get(item[0], len(order))))
+
+
+PRIVACY_COLUMNS = (
+    ("forget_exact_memorization", "forget EM"), ("mia_auc_loss", "AUC LOSS"), ("mia_auc_zlib", "AUC zlib"),
+    ("mia_auc_min_k", "AUC Min-K%"), ("mia_auc_min_k_plus_plus", "AUC Min-K%++"), ("privleak_loss", "PrivLeak LOSS"),
+    ("privleak_zlib", "PrivLeak zlib"), ("privleak_min_k", "PrivLeak Min-K%"),
+    ("privleak_min_k_plus_plus", "PrivLeak Min-K%++"), ("retain_probability", "retain p"),
+    ("retain_rougeL_recall", "retain ROUGE-L"), ("world_probability", "world p"),
+    ("world_rougeL_recall", "world ROUGE-L"),
+)
+
+
+def privacy_table(rows: dict[str, list[dict]]) -> str:
+    """Mean ± std over seeds of memorisation, every membership-inference AUC and PrivLeak, and utility parts."""
+    lines = ["| model | " + " | ".join(label for _, label in PRIVACY_COLUMNS) + " |",
+             "|" + "---|" * (len(PRIVACY_COLUMNS) + 1)]
+    for name, results in rows.items():
+        cells = [fmt([r["summary"].get(key) for r in results]) for key, _ in PRIVACY_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write(out: Path, args, recipe, recipe_seconds, rows, extra) -> None:
+    rows = ordered(rows)
     first = {name: results[0] for name, results in rows.items()}
     plot_forget_quality_vs_utility(
         {f"{name}-{i}": r for name, results in rows.items() for i, r in enumerate(results)}, out / f"{args.name}.png")
@@ -444,6 +475,12 @@ mean min(R, 1/R); ES = extraction strength; PrivLeak on Min-K%++ (0 = like the r
 KL(target ‖ model) per answer token on retain questions. Mean ± std over seeds.
 
 {table(rows)}
+
+Memorisation, membership inference (forget people = members, holdout people = non-members; AUC 0.5 = cannot
+tell them apart) and PrivLeak of each attack (relative AUC gap to the retain model, 0 = like it), and the parts
+of model utility:
+
+{privacy_table(rows)}
 
 ## Attacks (first seed of each method)
 

@@ -33,14 +33,15 @@ def test_unlearning_benchmark_runs_and_resumes_on_a_tiny_model(tmp_path, tiny_ch
     assert extra["reapply"]["max_abs_diff_target_plus_update"] < 1e-5  # target + saved Δ = the unlearned model
     assert list(extra["sweep"]) == ["eps=0.05,steps=1,curvature_rows=16"]
     text = (out / "unlearning.md").read_text()
-    for section in ("| grad_diff (n=1) |", "## Attacks", "## K-FADE re-apply test", "## K-FADE budget sweep",
-                    "| grad_diff | "):
+    for section in ("| grad_diff (n=1) |", "AUC zlib", "## Attacks", "## K-FADE re-apply test",
+                    "## K-FADE budget sweep", "| grad_diff | "):
         assert section in text, section
     assert (out / "unlearning.png").stat().st_size > 0 and (out / "unlearning_frontier.png").stat().st_size > 0
 
-    log = _run(common + ["--resume", "--methods", "grad_diff", "kfade", "--sweep_epsilons", "0.05", "0.5"], tmp_path)
+    log = _run(common + ["--resume", "--methods", "grad_diff", "--sweep_epsilons", "0.05", "0.5"], tmp_path)
     assert "target, retain: kept" in log and "grad_diff: kept 1 seed(s)" in log and "sweep eps=0.05" in log
     second = json.loads((out / "unlearning.json").read_text())
     assert second["grad_diff"] == first["grad_diff"]  # kept, not re-run
+    assert second["kfade"] == first["kfade"]  # not asked for this time: kept as it was
     assert list(second["_extra"][0]["sweep"]) == ["eps=0.05,steps=1,curvature_rows=16",
                                                   "eps=0.5,steps=1,curvature_rows=16"]
