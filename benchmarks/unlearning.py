@@ -302,6 +302,10 @@ def main() -> None:
             print(f"{method}: kept {len(kept)} seed(s) from the previous run", flush=True)
         for seed in range(len(kept), n_seeds):
             model, seconds, n_steps, units, update = unlearn(method, folders["target"], data, recipe, seed, args)
+            if method.startswith("kfade"):  # the table's K-FADE rows were made with these settings
+                extra["kfade_settings"] = {"steps": args.kfade_steps, "epsilon": args.kfade_epsilon,
+                                           "curvature_batches": args.kfade_curvature_batches,
+                                           "batch_size": args.batch_size}
             attacks = ("relearning", "quantization") if seed == 0 else ()
             result = evaluate(model, f"{method}-seed{seed}", seed, attacks)
             result.update(unlearning_seconds=seconds, compute_units=units, steps=n_steps)
@@ -450,6 +454,11 @@ def write(out: Path, args, recipe, recipe_seconds, rows, extra) -> None:
         {**{name: [strip(r) for r in results] for name, results in rows.items()}, "_extra": [extra]}, indent=1,
         default=str))
     steps = {name: results[0].get("steps", 0) for name, results in rows.items() if not name.startswith("kfade")}
+    kfade = extra.get("kfade_settings") or {"steps": args.kfade_steps, "epsilon": args.kfade_epsilon,
+                                             "curvature_batches": args.kfade_curvature_batches,
+                                             "batch_size": args.batch_size}
+    curvature_rows = ("all" if kfade["curvature_batches"] is None
+                      else f"a seeded random {kfade['curvature_batches'] * kfade['batch_size']}")
     model_name = "SmolLM2-135M-Instruct (the default model)" if recipe.base_model == "default" else recipe.base_model
     text = f"""# Unlearning benchmark on the fictitious-facts data
 
@@ -461,8 +470,9 @@ batch {recipe.batch_size} — target on all trainable people, retain on the reta
 ({recipe_seconds:.0f} s to make or load both). Unlearning: open-unlearning defaults (lr 1e-5, AdamW, weight decay
 0.01, effective batch 32 = 8 x 4 accumulation, {args.epochs:g} epochs over the forget set = {max(steps.values(),
 default=0)} steps), {args.seeds} seed(s) each; retain term = retain NLL (GradDiff, NPO: α = 1; SimNPO: γ = 0.125).
-"+gu": the same with the GU projection (history 8, retain-NLL gradients, Adam metric). K-FADE: {args.kfade_steps}
-steps over the whole forget set, ε = {args.kfade_epsilon:g} nats per retain answer token and step, damping 0.1 × mean
+"+gu": the same with the GU projection (history 8, retain-NLL gradients, Adam metric). K-FADE: {kfade['steps']}
+step(s) over the whole forget set, ε = {kfade['epsilon']:g} nats per retain answer token and step, retain curvature
+(K-FAC, sampled labels, every token) on {curvature_rows} retain rows, damping 0.1 × mean
 eigenvalue, backtracking on a 16-row retain probe (wall time includes the curvature pass). SSD: empirical
 batch-reduced diagonal Fishers of forget and retain sets, α = {args.ssd_alpha:g}, λ = {args.ssd_lam:g} (one run).
 Machine: 2 CPU cores, torch threads {args.threads}. Wall times move with machine load; the compute column
