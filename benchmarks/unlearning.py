@@ -180,6 +180,8 @@ def fmt(values: list[float]) -> str:
     text = f"{mean:.3g}" if abs(mean) >= 1e-3 or mean == 0 else f"{mean:.2e}"
     if len(values) > 1:
         std = float(np.std(values))
+        if std < 1e-9 * max(abs(mean), 1.0):  # equal up to float rounding
+            std = 0.0
         text += f" ± {std:.2g}" if abs(std) >= 1e-3 or std == 0 else f" ± {std:.1e}"
     return text
 
@@ -459,6 +461,7 @@ def write(out: Path, args, recipe, recipe_seconds, rows, extra) -> None:
                                              "batch_size": args.batch_size}
     curvature_rows = ("all" if kfade["curvature_batches"] is None
                       else f"a seeded random {kfade['curvature_batches'] * kfade['batch_size']}")
+    load_note = f" {extra['load_note']}" if extra.get("load_note") else ""
     model_name = "SmolLM2-135M-Instruct (the default model)" if recipe.base_model == "default" else recipe.base_model
     text = f"""# Unlearning benchmark on the fictitious-facts data
 
@@ -476,7 +479,7 @@ step(s) over the whole forget set, ε = {kfade['epsilon']:g} nats per retain ans
 eigenvalue, backtracking on a 16-row retain probe (wall time includes the curvature pass). SSD: empirical
 batch-reduced diagonal Fishers of forget and retain sets, α = {args.ssd_alpha:g}, λ = {args.ssd_lam:g} (one run).
 Machine: 2 CPU cores, torch threads {args.threads}. Wall times move with machine load; the compute column
-(token-passes through the model) does not.
+(token-passes through the model) does not.{load_note}
 
 FQ = forget quality (KS p-value vs the retain model, higher is better, 1 = retain model); MU = model utility
 (harmonic mean of probability, ROUGE-L recall and truth-ratio score on retain and world facts; ROUGE-L on the
