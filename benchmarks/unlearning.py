@@ -462,6 +462,7 @@ def write(out: Path, args, recipe, recipe_seconds, rows, extra) -> None:
     curvature_rows = ("all" if kfade["curvature_batches"] is None
                       else f"a seeded random {kfade['curvature_batches'] * kfade['batch_size']}")
     load_note = f" {extra['load_note']}" if extra.get("load_note") else ""
+    relearning_steps = first.get("npo", first["target"]).get("attacks", {}).get("relearning", {}).get("steps", "—")
     model_name = "SmolLM2-135M-Instruct (the default model)" if recipe.base_model == "default" else recipe.base_model
     text = f"""# Unlearning benchmark on the fictitious-facts data
 
@@ -498,8 +499,9 @@ of model utility:
 ## Attacks (first seed of each method)
 
 Recovery = (m_attacked − m_unlearned) / (m_target − m_unlearned) on the forget set: 0 = nothing comes back,
-1 = back to the target. Relearning: {first.get('npo', first['target']).get('attacks', {}).get('relearning', {})
-.get('steps', '—')} AdamW steps (lr 1e-5, batch 8) on half of the forget people, scored on the other half.
+1 = back to the target; a ratio to what was forgotten, so it means little for a method that forgot
+almost nothing (its denominator is near 0). Relearning: {relearning_steps} AdamW steps (lr 1e-5, batch 8) on half
+of the forget people, scored on the other half.
 
 {attack_table(first)}
 {reapply_section(extra)}{sweep_section(rows, extra)}
