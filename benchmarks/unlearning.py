@@ -473,7 +473,8 @@ utility. Reference models (one recipe, cached): full fine-tune, {recipe.epochs:g
 batch {recipe.batch_size} — target on all trainable people, retain on the retain people only
 ({recipe_seconds:.0f} s to make or load both). Unlearning: open-unlearning defaults (lr 1e-5, AdamW, weight decay
 0.01, effective batch 32 = 8 x 4 accumulation, {args.epochs:g} epochs over the forget set = {max(steps.values(),
-default=0)} steps), {args.seeds} seed(s) each; retain term = retain NLL (GradDiff, NPO: α = 1; SimNPO: γ = 0.125).
+default=0)} steps), seeds per method as n in the table; retain term = retain NLL (GradDiff, NPO: α = 1;
+SimNPO: γ = 0.125).
 "+gu": the same with the GU projection (history 8, retain-NLL gradients, Adam metric). K-FADE: {kfade['steps']}
 step(s) over the whole forget set, ε = {kfade['epsilon']:g} nats per retain answer token and step, retain curvature
 (K-FAC, sampled labels, every token) on {curvature_rows} retain rows, damping 0.1 × mean
