@@ -228,3 +228,41 @@ def test_accelerate_configs_parse_with_accelerates_own_loader(name):
         assert hasattr(modeling_llama, fsdp["fsdp_transformer_layer_cls_to_wrap"])
     if name == "deepspeed_zero2":
         assert config.deepspeed_config["zero_stage"] == 2
+
+
+# --------------------------------------------------------------------------------------------- compress example
+
+COMPRESS_ARGS = ["--ratio", "0.5", "--seq_len", "16", "--max_sequences", "4", "--per_device_batch_size", "2",
+                 "--use_cpu"]
+
+
+def _check_compressed(folder, base) -> None:
+    import torch
+
+    from hf_fisher import load_compressed_model
+    from hf_fisher.compression import LowRankLinear
+
+    model = load_compressed_model(folder)
+    low_rank = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    assert len(low_rank) == 2 * 7  # every block linear of the tiny Llama
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_compress_example_runs_as_a_script(tmp_path, tiny_chat_model):
+    cmd = [sys.executable, str(ROOT / "examples/compress.py"), "--model_name_or_path", str(tiny_chat_model),
+           "--output_dir", str(tmp_path / "out"), *COMPRESS_ARGS]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FWSVD: 14 layers" in result.stdout and "on 1 process(es)" in result.stdout
+    _check_compressed(tmp_path / "out", tiny_chat_model)
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)  # the folder exists now: refused
+    assert again.returncode != 0 and "exists already" in again.stderr
+
+
+@pytest.mark.multiprocess
+def test_compress_example_on_two_processes(tmp_path, tiny_chat_model):
+    stdout = launch_two_processes(str(ROOT / "examples/compress.py"), "--model_name_or_path", str(tiny_chat_model),
+                                  "--output_dir", str(tmp_path / "out"), *COMPRESS_ARGS)
+    assert "on 2 process(es)" in stdout and stdout.count("saved to") == 1
+    _check_compressed(tmp_path / "out", tiny_chat_model)

@@ -62,8 +62,8 @@ def test_finetune_example_under_deepspeed_zero2(tmp_path, tiny_chat_model):
 
 
 def test_estimate_fisher_example_under_fsdp(tmp_path, tiny_chat_model):
-    """The curvature engine's hooks see whole activations and output gradients under FSDP; the estimate must
-    equal the one-process estimate of the same sequences."""
+    """The example keeps a whole model per process (the curvature engine reads whole weights and does not wrap the
+    model), so an FSDP launch shards the data only; the estimate must equal the one-process estimate."""
     from hf_fisher import DiagonalFisher
 
     common = ["--model_name_or_path", str(tiny_chat_model), "--seq_len", "32", "--max_sequences", "4",
