@@ -134,82 +134,10 @@ def run_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_merge_inputs(paths: list[str], base_model: str | None):
-    """The models to merge (full models, or PEFT adapters on one base), their kind, and a tokenizer."""
-    import copy
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hf_fisher.models import DEFAULT_MODEL_NAME, load_default_model
-
-    def load(path: str | None):
-        if path in (None, DEFAULT_MODEL_NAME, "default"):
-            return load_default_model()
-        model = AutoModelForCausalLM.from_pretrained(path)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError):
-            tokenizer = None  # only needed to estimate a missing Fisher
-        return model.eval(), tokenizer
-
-    adapters = [(Path(p) / "adapter_config.json").is_file() for p in paths]
-    if any(adapters) and not all(adapters):
-        raise ValueError("--models mixes adapter folders and full models; merge adapters or full models, not both.")
-    if not all(adapters):
-        loaded = [load(p) for p in paths]
-        return [m for m, _ in loaded], False, loaded[0][1]
-    import json
-
-    from peft import PeftModel
-
-    bases = {json.loads((Path(p) / "adapter_config.json").read_text()).get("base_model_name_or_path") for p in paths}
-    if base_model is None:
-        if len(bases) != 1:
-            raise ValueError(f"The adapters name different base models {sorted(map(str, bases))}; pass --base-model.")
-        base_model = bases.pop()
-    base, tokenizer = load(base_model)
-    return [PeftModel.from_pretrained(copy.deepcopy(base), p) for p in paths], True, tokenizer
-
-
-def _merge_fisher(model, path: str, spec: str, is_adapter: bool, tokenizer, args: argparse.Namespace):
-    """The Fisher of one model for merging: none, a given folder, the one saved next to it, or a fresh estimate."""
-    from hf_fisher import DiagonalFisher, estimate_diagonal_fisher
-    from hf_fisher.trainers.fisher import _fisher_key, _lora_layers
-
-    if spec == "none":
-        return None
-    layers = _lora_layers(model) if is_adapter else {}
-
-    def usable(fisher) -> bool:
-        if is_adapter:
-            return all(_fisher_key(n, fisher) is not None for n in layers)
-        params = dict(model.named_parameters())
-        return len(fisher) > 0 and all(k in params and params[k].shape == t.shape for k, t in fisher.items())
-
-    if spec != "auto":
-        fisher = DiagonalFisher.from_pretrained(spec)
-        if not usable(fisher):
-            raise ValueError(f"The Fisher in {spec} does not cover the tensors of {path} that are merged.")
-        return fisher
-    saved = Path(path) / "fisher"
-    if (saved / "diagonal_fisher.safetensors").is_file():
-        fisher = DiagonalFisher.from_pretrained(saved)
-        if usable(fisher):
-            print(f"  {path}: reusing the Fisher saved in {saved}")
-            return fisher
-    if tokenizer is None:
-        raise ValueError(f"{path} has no saved Fisher that fits and no tokenizer to estimate one; pass --fishers.")
-    print(f"  {path}: estimating the sampled-label Fisher on {args.max_sequences} x {args.seq_len} tokens of "
-          f"{args.corpus}")
-    loader = _text_dataloader(tokenizer, args.corpus, "train", args.seq_len, 8, args.max_sequences)
-    targets = [f"{n}.base_layer" for n in layers] if is_adapter else None
-    return estimate_diagonal_fisher(model, loader, kind="sampled", target_modules=targets, seed=args.seed,
-                                    data_description=f"{args.corpus} train, sampled labels")
-
-
 def run_merge(args: argparse.Namespace) -> int:
     """Merge full models or LoRA adapters by Fisher-weighted averaging and save the result atomically."""
     from hf_fisher import fisher_merge
+    from hf_fisher.merging import fisher_for_merging, load_models_to_merge
 
     if len(args.models) < 2:
         raise ValueError(f"--models needs at least two folders, got {len(args.models)}.")
@@ -222,8 +150,9 @@ def run_merge(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     if out.exists():
         raise ValueError(f"--output-dir {out} exists already; choose a new folder (nothing is overwritten).")
-    models, is_adapter, tokenizer = _load_merge_inputs(args.models, args.base_model)
-    fishers = [_merge_fisher(m, p, spec, is_adapter, tokenizer, args)
+    models, is_adapter, tokenizer = load_models_to_merge(args.models, args.base_model)
+    fishers = [fisher_for_merging(m, p, spec, is_adapter=is_adapter, tokenizer=tokenizer, corpus=args.corpus,
+                                  seq_len=args.seq_len, max_sequences=args.max_sequences, seed=args.seed)
                for m, p, spec in zip(models, args.models, fisher_specs, strict=True)]
     start = time.perf_counter()
     merged = fisher_merge(models, fishers, weights=args.weights, eps=args.eps, normalize=args.normalize,

@@ -211,3 +211,30 @@ def test_cli_merges_full_models(tmp_path):
     expected = fisher_merge(models, fishers, weights=[1, 3])
     for n, p in expected.named_parameters():
         torch.testing.assert_close(loaded.state_dict()[n], p.detach())
+
+
+def test_merge_example_script_matches_fisher_merge(tmp_path):
+    """examples/merge.py (the same loaders as the CLI) on full models with given Fishers and weights."""
+    from pathlib import Path
+
+    models = [tiny_llama(seed=s) for s in (0, 1)]
+    names = _linear_names(models[0])
+    fishers = [_random_fisher(models[0], names, seed=s) for s in (3, 4)]
+    for i, (m, f) in enumerate(zip(models, fishers, strict=True)):
+        m.save_pretrained(tmp_path / f"m{i}")
+        f.save_pretrained(tmp_path / f"f{i}")
+    out = tmp_path / "merged"
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "examples/merge.py"), "--models", str(tmp_path / "m0"), str(tmp_path / "m1"),
+           "--fishers", str(tmp_path / "f0"), str(tmp_path / "f1"), "--weights", "1", "3", "--output_dir", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "merged 2 models" in result.stdout
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    expected = fisher_merge(models, fishers, weights=[1, 3])
+    for n, p in expected.named_parameters():
+        torch.testing.assert_close(loaded.state_dict()[n], p.detach())
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
+    assert again.returncode != 0 and "exists already" in again.stderr
