@@ -194,13 +194,19 @@ def test_cli_merges_adapters_into_a_vanilla_peft_adapter(tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
-def test_cli_merges_full_models(tmp_path):
+def _saved_full_models(tmp_path):
+    """Two tiny Llamas and random Fishers, saved as tmp_path/m0, m1 and f0, f1."""
     models = [tiny_llama(seed=s) for s in (0, 1)]
     names = _linear_names(models[0])
     fishers = [_random_fisher(models[0], names, seed=s) for s in (3, 4)]
     for i, (m, f) in enumerate(zip(models, fishers, strict=True)):
         m.save_pretrained(tmp_path / f"m{i}")
         f.save_pretrained(tmp_path / f"f{i}")
+    return models, fishers
+
+
+def test_cli_merges_full_models(tmp_path):
+    models, fishers = _saved_full_models(tmp_path)
     out = tmp_path / "merged"
     args = ["merge", "--models", str(tmp_path / "m0"), str(tmp_path / "m1"), "--fishers", str(tmp_path / "f0"),
             str(tmp_path / "f1"), "--weights", "1", "3", "--output-dir", str(out)]
@@ -217,12 +223,7 @@ def test_merge_example_script_matches_fisher_merge(tmp_path):
     """examples/merge.py (the same loaders as the CLI) on full models with given Fishers and weights."""
     from pathlib import Path
 
-    models = [tiny_llama(seed=s) for s in (0, 1)]
-    names = _linear_names(models[0])
-    fishers = [_random_fisher(models[0], names, seed=s) for s in (3, 4)]
-    for i, (m, f) in enumerate(zip(models, fishers, strict=True)):
-        m.save_pretrained(tmp_path / f"m{i}")
-        f.save_pretrained(tmp_path / f"f{i}")
+    models, fishers = _saved_full_models(tmp_path)
     out = tmp_path / "merged"
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, str(root / "examples/merge.py"), "--models", str(tmp_path / "m0"), str(tmp_path / "m1"),
