@@ -46,9 +46,11 @@ def _answer_start(labels: Sequence[int]) -> int:
     raise ValueError("a row has no answer tokens (all labels are -100); score_answers needs answers")
 
 
-def _pad(seqs: Sequence[Sequence[int]], value: int, device: torch.device) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    return torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
+def _collate(ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_token_id: int,
+             device: torch.device) -> dict[str, torch.Tensor]:
+    """``pad_collate`` of token lists (labels padded with -100, a mask of ones), on ``device``."""
+    rows = [{"input_ids": i, "attention_mask": [1] * len(i), "labels": y} for i, y in zip(ids, labels, strict=True)]
+    return {k: v.to(device) for k, v in pad_collate(rows, pad_token_id).items()}
 
 
 def _token_stats(logits: torch.Tensor, targets: torch.Tensor, z_scores: bool):
@@ -97,11 +99,10 @@ def score_answers(
         else:
             for begin in range(0, len(rows), batch_size):
                 chunk = list(range(begin, min(begin + batch_size, len(rows))))
-                ids = _pad([rows[i]["input_ids"] for i in chunk], pad_token_id, device)
-                mask = _pad([[1] * len(rows[i]["input_ids"]) for i in chunk], 0, device)
-                labels = _pad([rows[i]["labels"] for i in chunk], -100, device)
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-                for i, stats in zip(chunk, _token_stats(logits, labels[:, 1:], z_scores), strict=True):
+                batch = _collate([rows[i]["input_ids"] for i in chunk], [rows[i]["labels"] for i in chunk],
+                                 pad_token_id, device)
+                logits = forward_logits(model, batch)[:, :-1]
+                for i, stats in zip(chunk, _token_stats(logits, batch["labels"][:, 1:], z_scores), strict=True):
                     out[i] = stats
     finally:
         model.train(was_training)
@@ -133,23 +134,21 @@ def _score_shared(model, rows, starts, out, pad_token_id, batch_size, z_scores, 
             filled += len(part)
     for chunk in passes:
         prompts = [p for p, _ in chunk]
-        prompt_ids = _pad(prompts, pad_token_id, device)
-        prompt_mask = _pad([[1] * len(p) for p in prompts], 0, device)
-        output = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=1)
+        prompt = _collate(prompts, prompts, pad_token_id, device)
+        prompt_mask = prompt["attention_mask"]
+        output = model(input_ids=prompt["input_ids"], attention_mask=prompt_mask, use_cache=True, logits_to_keep=1)
         cache = output["cache"] if "cache" in output else output["past_key_values"]
         owner = torch.tensor([g for g, (_, members) in enumerate(chunk) for _ in members], device=device)
         cache.reorder_cache(owner)  # row r continues from the cache of its prompt owner[r]
         members = [i for _, part in chunk for i in part]
-        ids = _pad([rows[i]["input_ids"][starts[i]:] for i in members], pad_token_id, device)
-        mask = _pad([[1] * (len(rows[i]["input_ids"]) - starts[i]) for i in members], 0, device)
-        targets = _pad([rows[i]["labels"][starts[i] + 1:] for i in members], -100, device)
+        suffix = _collate([rows[i]["input_ids"][starts[i]:] for i in members],
+                          [rows[i]["labels"][starts[i]:] for i in members], pad_token_id, device)
         positions = torch.tensor([starts[i] for i in members], device=device).unsqueeze(1) + torch.arange(
-            ids.shape[1], device=device)
-        logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask[owner], mask], dim=1),
-                       position_ids=positions, use_cache=True, **{cache_arg: cache}).logits
-        # the last suffix position predicts nothing: targets are one shorter, pad them to the logits' width
-        targets = torch.nn.functional.pad(targets, (0, logits.shape[1] - targets.shape[1]), value=-100)
-        for i, stats in zip(members, _token_stats(logits, targets, z_scores), strict=True):
+            suffix["input_ids"].shape[1], device=device)
+        logits = model(input_ids=suffix["input_ids"],
+                       attention_mask=torch.cat([prompt_mask[owner], suffix["attention_mask"]], dim=1),
+                       position_ids=positions, use_cache=True, **{cache_arg: cache}).logits[:, :-1]
+        for i, stats in zip(members, _token_stats(logits, suffix["labels"][:, 1:], z_scores), strict=True):
             out[i] = stats
 
 
