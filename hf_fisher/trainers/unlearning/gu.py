@@ -25,28 +25,52 @@ from torch import nn
 
 
 def project_update(delta: torch.Tensor, retain_grads: Iterable[torch.Tensor],
-                   metric_sqrt: torch.Tensor | None = None, tolerance: float = 1e-10) -> torch.Tensor:
-    """``Δ'`` of the module docstring for one tensor (fp64 Gram-Schmidt; returns ``delta``'s dtype).
+                   metric_sqrt: torch.Tensor | None = None, tolerance: float = 1e-10,
+                   chunk_size: int = 1 << 16) -> torch.Tensor:
+    """``Δ'`` of the module docstring for one tensor (returns ``delta``'s dtype).
 
-    ``metric_sqrt`` is ``P^{1/2}`` (elementwise, ``delta``'s shape); ``None`` means the identity. Retain
-    gradients that are (numerically) in the span of earlier ones are skipped."""
-    scale = torch.ones_like(delta, dtype=torch.float64) if metric_sqrt is None else metric_sqrt.double()
-    u = (delta.double() / scale).flatten()
-    basis: list[torch.Tensor] = []
-    for g in retain_grads:
-        v = (g.double() * scale).flatten()
-        norm0 = float(v.norm())
-        if norm0 == 0.0:
-            continue
-        for _ in range(2):  # twice is enough (Kahan-Parlett)
-            for q in basis:
-                v = v - (q @ v) * q
-        if float(v.norm()) <= tolerance * norm0:
-            continue
-        basis.append(v / v.norm())
-    for q in basis:
-        u = u - (q @ u) * q
-    return (u.reshape(delta.shape) * scale).to(delta.dtype)
+    ``metric_sqrt`` is ``P^{1/2}`` (elementwise, ``delta``'s shape); ``None`` means the identity. Directions of
+    the retain gradients whose singular value is below ``tolerance``·max (numerically dependent gradients) are
+    dropped. The ``k`` gradients are processed as ``k × chunk_size`` blocks (cache-sized, no ``k × n`` copy):
+    one pass forms their Gram matrix (accumulated in fp64, eigendecomposed in fp64), two more remove the
+    component in their span and then what rounding left of it; arithmetic in fp64."""
+    grads = [g.detach().reshape(-1) for g in retain_grads]
+    if not grads:
+        return delta
+    dtype = torch.float64  # fp32 rounding in the Gram matrix turns near-dependent gradients into noise directions
+    u = delta.detach().reshape(-1).to(dtype, copy=True)
+    scale = None if metric_sqrt is None else metric_sqrt.detach().reshape(-1).to(dtype)
+    if scale is not None:
+        u.div_(scale)
+    spans = [(s, min(s + chunk_size, u.numel())) for s in range(0, u.numel(), chunk_size)]
+
+    def block(s: int, e: int) -> torch.Tensor:
+        b = torch.stack([g[s:e] for g in grads]).to(dtype)
+        return b.mul_(scale[s:e]) if scale is not None else b
+
+    gram = torch.zeros(len(grads), len(grads), dtype=torch.float64)
+    along = torch.zeros(len(grads), dtype=torch.float64)
+    for s, e in spans:
+        b = block(s, e)
+        gram += (b @ b.T).double()
+        along += (b @ u[s:e]).double()
+    evals, evecs = torch.linalg.eigh(gram)
+    top = float(evals.max())
+    if top <= 0.0:
+        return delta
+    keep = evals > (tolerance**2) * top
+    basis_map = evecs[:, keep] / evals[keep].sqrt()  # (stacked gradients)ᵀ @ basis_map is orthonormal
+    for refine in (True, False):  # twice is enough (Kahan-Parlett)
+        coefficients = (basis_map @ (basis_map.T @ along)).to(dtype)
+        along = torch.zeros_like(along)
+        for s, e in spans:
+            b = block(s, e)
+            u[s:e] -= coefficients @ b
+            if refine:
+                along += (b @ u[s:e]).double()
+    if scale is not None:
+        u.mul_(scale)
+    return u.reshape(delta.shape).to(delta.dtype)
 
 
 def adam_metric_sqrt(optimizer: torch.optim.Optimizer, param: nn.Parameter) -> torch.Tensor | None:
