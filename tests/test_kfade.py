@@ -74,8 +74,9 @@ def test_step_equals_dense_damped_kfac_solve(tmp_path):
         g_dot_d += float((g * d).sum())
     answer_tokens = sum(sum(1 for label in r["labels"][1:] if label != -100) for r in RETAIN) / len(RETAIN)
     eta = math.sqrt(2 * 0.01 * answer_tokens / g_dot_d)  # ε is per answer token
+    # atol ≈ 3e-5 of the largest |Δ|: what fp32 eigendecompositions of the factors leave
     for name, d in directions.items():
-        torch.testing.assert_close(update[f"{name}.weight"].double(), -eta * d, rtol=2e-3, atol=1e-6)
+        torch.testing.assert_close(update[f"{name}.weight"].double(), -eta * d, rtol=2e-3, atol=1e-5)
     # the update is what moved the weights, and only the block linears moved
     for name, p in trainer.model.named_parameters():
         moved = p.detach() - dict(start.named_parameters())[name].detach()
