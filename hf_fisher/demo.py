@@ -50,8 +50,9 @@ class DemoSettings:
     finetune_epochs: float = 10.0
     finetune_lr: float = 5e-4
     batch_size: int = 16
-    kfade_steps: int = 3
-    kfade_epsilon: float = 0.1
+    kfade_steps: int = 1
+    kfade_epsilon: float = 0.05
+    kfade_curvature_batches: int | None = 2
     kfade_target_modules: str | None = None
     gu_epochs: float = 0.0
     max_retain_rows: int = 60
@@ -62,8 +63,8 @@ class DemoSettings:
     @classmethod
     def fast(cls) -> DemoSettings:
         return cls(n_people=6, forget_percent=20, fisher_rows=16, finetune_epochs=3.0, finetune_lr=1.5e-3,
-                   kfade_steps=2, kfade_target_modules=r".*\.(mlp\.down_proj|self_attn\.o_proj)", max_retain_rows=16,
-                   max_new_tokens=16, world_facts=False)
+                   kfade_curvature_batches=1, kfade_target_modules=r".*\.(mlp\.down_proj|self_attn\.o_proj)",
+                   max_retain_rows=16, max_new_tokens=16, world_facts=False)
 
     @classmethod
     def full(cls) -> DemoSettings:
@@ -210,6 +211,7 @@ def run_demo(output_dir: str | os.PathLike = "hf_fisher_demo", *, fast: bool = F
             args = KFADEArguments(output_dir=unlearn_dir, per_device_train_batch_size=settings.batch_size,
                                   gradient_accumulation_steps=accumulation, max_steps=settings.kfade_steps,
                                   kfade_epsilon=settings.kfade_epsilon, seed=settings.seed, save_strategy="no",
+                                  kfade_curvature_batches=settings.kfade_curvature_batches,
                                   kfade_target_modules=settings.kfade_target_modules,
                                   report_to="none", logging_steps=1, use_cpu=not torch.cuda.is_available(),
                                   disable_tqdm=True)
