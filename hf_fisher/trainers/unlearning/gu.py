@@ -37,23 +37,23 @@ def project_update(delta: torch.Tensor, retain_grads: Iterable[torch.Tensor],
     grads = [g.detach().reshape(-1) for g in retain_grads]
     if not grads:
         return delta
-    dtype = torch.float64  # fp32 rounding in the Gram matrix turns near-dependent gradients into noise directions
-    u = delta.detach().reshape(-1).to(dtype, copy=True)
-    scale = None if metric_sqrt is None else metric_sqrt.detach().reshape(-1).to(dtype)
+    # fp64: fp32 rounding in the Gram matrix turns near-dependent gradients into noise directions
+    u = delta.detach().reshape(-1).to(torch.float64, copy=True)
+    scale = None if metric_sqrt is None else metric_sqrt.detach().reshape(-1).to(torch.float64)
     if scale is not None:
         u.div_(scale)
     spans = [(s, min(s + chunk_size, u.numel())) for s in range(0, u.numel(), chunk_size)]
 
     def block(s: int, e: int) -> torch.Tensor:
-        b = torch.stack([g[s:e] for g in grads]).to(dtype)
+        b = torch.stack([g[s:e] for g in grads]).to(torch.float64)
         return b.mul_(scale[s:e]) if scale is not None else b
 
-    gram = torch.zeros(len(grads), len(grads), dtype=torch.float64)
-    along = torch.zeros(len(grads), dtype=torch.float64)
+    gram = torch.zeros(len(grads), len(grads), dtype=torch.float64, device=u.device)
+    along = torch.zeros(len(grads), dtype=torch.float64, device=u.device)
     for s, e in spans:
         b = block(s, e)
-        gram += (b @ b.T).double()
-        along += (b @ u[s:e]).double()
+        gram += b @ b.T
+        along += b @ u[s:e]
     evals, evecs = torch.linalg.eigh(gram)
     top = float(evals.max())
     if top <= 0.0:
@@ -61,13 +61,13 @@ def project_update(delta: torch.Tensor, retain_grads: Iterable[torch.Tensor],
     keep = evals > (tolerance**2) * top
     basis_map = evecs[:, keep] / evals[keep].sqrt()  # (stacked gradients)ᵀ @ basis_map is orthonormal
     for refine in (True, False):  # twice is enough (Kahan-Parlett)
-        coefficients = (basis_map @ (basis_map.T @ along)).to(dtype)
+        coefficients = basis_map @ (basis_map.T @ along)
         along = torch.zeros_like(along)
         for s, e in spans:
             b = block(s, e)
             u[s:e] -= coefficients @ b
             if refine:
-                along += (b @ u[s:e]).double()
+                along += b @ u[s:e]
     if scale is not None:
         u.mul_(scale)
     return u.reshape(delta.shape).to(delta.dtype)
