@@ -171,6 +171,39 @@ def test_gradients_match_dense_reference_after_an_eval_pass(batches):
         torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-4)
 
 
+def _saved_shapes(fn) -> tuple[list[tuple[int, ...]], torch.Tensor]:
+    """Shapes of every tensor autograd saves for backward while ``fn`` runs."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return shapes, out
+
+
+def test_quantized_layer_saves_no_dense_weight_and_has_exact_gradients():
+    """The dense W is dequantized again in backward, not kept alive from forward (F.linear would keep it)."""
+    w = torch.randn(48, 40, generator=torch.Generator().manual_seed(0))
+    bias = torch.randn(48, generator=torch.Generator().manual_seed(1))
+    layer = NFQuantizedLinear(nf_quantize(w, NFConfig(3, 32, 8, 16)), bias)
+    layer.bias.requires_grad_(True)  # as with PEFT's bias="all"
+    x = torch.randn(2, 5, 40, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    shapes, out = _saved_shapes(lambda: layer(x))
+    assert (48, 40) not in shapes and (40, 48) not in shapes
+    dense = layer.dequantized_weight()
+    ref_shapes, _ = _saved_shapes(lambda: torch.nn.functional.linear(x, dense, layer.bias))
+    assert {(48, 40), (40, 48)} & set(ref_shapes)  # the check can fail: the plain path saves W (or Wᵀ)
+    grad = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(3))
+    got = torch.autograd.grad(out, (x, layer.bias), grad)
+    want = torch.autograd.grad(torch.nn.functional.linear(x, dense, layer.bias), (x, layer.bias), grad)
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, dense, layer.bias))
+
+
 def test_merge_raises_clear_error():
     peft_model = prepare_lqlora_model(tiny_llama(), _config(), progress=False)
     with pytest.raises(NotImplementedError, match="cannot be merged"):

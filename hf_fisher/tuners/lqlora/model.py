@@ -97,6 +97,26 @@ class LQLoraConfig(LoraConfig):
         return cls(**{k: v for k, v in data.items() if k in names and k != "peft_type"})
 
 
+class _DequantizedLinear(torch.autograd.Function):
+    """``x Wᵀ + b`` with ``W`` dequantized from the packed codes, dequantized again in backward instead of saved.
+
+    ``F.linear`` would keep the dense ``W`` from forward to backward for the input gradient: a full-precision copy
+    of every quantized matrix alive during training, the very memory the quantization is there to save.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: NFQuantizedLinear, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.layer, ctx.dtype = layer, x.dtype
+        return F.linear(x, layer.dequantized_weight(x.dtype), bias.to(x.dtype) if bias is not None else None)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        grad_x = grad @ ctx.layer.dequantized_weight(ctx.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_bias
+
+
 class NFQuantizedLinear(nn.Module):
     """A frozen Linear whose weight is stored NF-quantized (bit-packed buffers) and dequantized at each forward."""
 
@@ -126,9 +146,9 @@ class NFQuantizedLinear(nn.Module):
         return nf_dequantize(self.quantized(), dtype=dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.dequantized_weight(x.dtype if x.dtype.is_floating_point else self.compute_dtype)
-        bias = self.bias.to(weight.dtype) if self.bias is not None else None
-        return F.linear(x, weight, bias)
+        if not x.dtype.is_floating_point:
+            x = x.to(self.compute_dtype)
+        return _DequantizedLinear.apply(x, self, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.quant_config.name}"
