@@ -56,6 +56,24 @@ def test_init_keeps_outputs_and_holds_the_weighted_components(fisher, mode, use_
     torch.testing.assert_close(s * layer.lora_B["default"].weight @ layer.lora_A["default"].weight, delta)
 
 
+def test_randomized_svd_init_keeps_outputs_and_nearly_optimal_factors(fisher):
+    """niter: a randomized SVD; the model stays exact at init and the weighted error is within 1 % of the optimum."""
+    batch = _inputs()
+    reference = _logits(tiny_llama(), batch)
+    model = _lora_model(tiny_llama())
+    initialize_lora_fwsvd(model, fisher, niter=4)
+    torch.testing.assert_close(_logits(model, batch), reference, atol=1e-5, rtol=1e-5)
+    original = tiny_llama().model.layers[1].mlp.down_proj.weight
+    d_r, _ = fisher_weights(fisher["model.layers.1.mlp.down_proj.weight"])
+    delta = model.base_model.model.model.layers[1].mlp.down_proj.get_delta_weight("default")
+    exact = weighted_low_rank(original, 4, row_weights=d_r).product()
+    err = float((d_r[:, None] * (original - delta)).norm())
+    best = float((d_r[:, None] * (original - exact)).norm())
+    assert best <= err <= 1.01 * best
+    with pytest.raises(ValueError, match="niter"):
+        initialize_lora_fwsvd(_lora_model(tiny_llama()), fisher, mode="minor", niter=2)
+
+
 def test_init_on_gpt2_conv1d_layers(batches):
     fisher = estimate_diagonal_fisher(tiny_gpt2(), batches)
     batch = _inputs()
