@@ -136,3 +136,22 @@ def test_bad_input_raises_clear_errors():
         nf_quantize(torch.tensor([[1.0, float("nan")]]))
     with pytest.raises(ValueError, match="floating-point"):
         nf_quantize(torch.ones(2, 2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("block", [32, 64, 128])
+@pytest.mark.parametrize("shape", [(96, 80), (1, 7), (33, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitsandbytes_kernel_path_equals_the_pytorch_path(block, shape, dtype):
+    """The CUDA fast path (nibble-swapped codes + decoded scales into bitsandbytes' dequantize_4bit), run here
+    through bitsandbytes' CPU backend, rebuilds the same matrix as our own dequantization; odd sizes included."""
+    from hf_fisher.tuners.lqlora.quantizer import nf4_dequantize_bitsandbytes
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(block + shape[0]))
+    q = nf_quantize(w, NFConfig(4, block, 8, 16, "bf16"))
+    want = nf_dequantize(q, dtype)
+    got = nf4_dequantize_bitsandbytes(q, dtype)
+    assert got.shape == want.shape and got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-5
+                               if dtype == torch.float32 else 1e-2)
+    with pytest.raises(ValueError, match="4-bit codes"):
+        nf4_dequantize_bitsandbytes(nf_quantize(w, NFConfig(3, 64)))

@@ -257,13 +257,64 @@ def nf_quantize(weight: torch.Tensor, config: NFConfig | None = None) -> Quantiz
     )
 
 
-def nf_dequantize(quantized: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Rebuild the matrix from its packed codes and double-quantized scales (computed in fp32)."""
+BNB_NF4_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+"""Block sizes of bitsandbytes' 4-bit kernels: 4-bit configs with these blocks can use them."""
+
+
+@functools.cache
+def _bitsandbytes_available() -> bool:
+    try:
+        import bitsandbytes.functional  # noqa: F401
+    except Exception:  # not installed, or no binary for this platform: the PyTorch path serves
+        return False
+    return True
+
+
+def _block_scales(quantized: QuantizedTensor) -> torch.Tensor:
+    """The fp32 absmax scale of every block, from the double-quantized scale codes."""
     config = quantized.config
+    n_blocks = math.ceil(quantized.numel / config.block_size)
+    scale_codes = unpack_codes(quantized.scale_codes, config.scale_bits, n_blocks)
+    return _dequantized_scales(scale_codes, quantized.group_scales, quantized.offset, config, n_blocks)
+
+
+def nf4_dequantize_bitsandbytes(quantized: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:func:`nf_dequantize` of a 4-bit matrix through bitsandbytes' ``dequantize_4bit`` kernel (same result).
+
+    Our stream holds the first of each pair of codes in a byte's low nibble, bitsandbytes in the high one, so the
+    bytes are nibble-swapped first (one elementwise pass); the double-quantized block scales are decoded here and
+    passed as bitsandbytes' absmax. :func:`nf_dequantize` uses this on CUDA, where the kernel is faster.
+    """
+    import bitsandbytes.functional as bnbf
+
+    config = quantized.config
+    if config.bits != 4 or config.block_size not in BNB_NF4_BLOCK_SIZES:
+        raise ValueError(
+            f"bitsandbytes' kernel needs 4-bit codes in blocks of {BNB_NF4_BLOCK_SIZES}, got {config.name}; "
+            "use nf_dequantize"
+        )
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):  # the kernel's output dtypes
+        return nf4_dequantize_bitsandbytes(quantized).to(dtype)
+    packed = quantized.codes[: (quantized.numel + 1) // 2]
+    swapped = ((packed << 4) | (packed >> 4)).reshape(-1, 1)  # bitsandbytes' (bytes, 1) layout
+    state = bnbf.QuantState(absmax=_block_scales(quantized).contiguous(), shape=torch.Size(quantized.shape),
+                            blocksize=config.block_size, quant_type="nf4", dtype=dtype)
+    return bnbf.dequantize_4bit(swapped, quant_state=state).reshape(quantized.shape)
+
+
+def nf_dequantize(quantized: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rebuild the matrix from its packed codes and double-quantized scales (computed in fp32).
+
+    4-bit matrices on CUDA go through bitsandbytes' kernel when it is installed (:func:`nf4_dequantize_bitsandbytes`);
+    everything else through the PyTorch path below.
+    """
+    config = quantized.config
+    if (quantized.codes.is_cuda and config.bits == 4 and config.block_size in BNB_NF4_BLOCK_SIZES
+            and _bitsandbytes_available()):
+        return nf4_dequantize_bitsandbytes(quantized, dtype)
     numel = quantized.numel
     n_blocks = math.ceil(numel / config.block_size)
-    scale_codes = unpack_codes(quantized.scale_codes, config.scale_bits, n_blocks)
-    scales = _dequantized_scales(scale_codes, quantized.group_scales, quantized.offset, config, n_blocks)
+    scales = _block_scales(quantized)
     n_codes = n_blocks * config.block_size
     values = _level_values(quantized.codes, config.bits, n_codes).view(n_blocks, config.block_size)
     values = values * scales[:, None]
