@@ -47,6 +47,7 @@ class DemoSettings:
     fisher_rows: int = 64
     lora_rank: int = 16
     lora_alpha: int = 32
+    fwsvd_niter: int | None = None  # randomized SVD for the FWSVD init (None: exact)
     finetune_epochs: float = 10.0
     finetune_lr: float = 5e-4
     batch_size: int = 16
@@ -54,6 +55,7 @@ class DemoSettings:
     kfade_epsilon: float = 0.05
     kfade_curvature_batches: int | None = 2
     kfade_target_modules: str | None = None
+    kfade_probe_size: int = 16  # retain rows on which each K-FADE step's retain KL is measured (backtracking)
     gu_epochs: float = 0.0
     max_retain_rows: int = 60
     max_new_tokens: int = 32
@@ -62,9 +64,10 @@ class DemoSettings:
 
     @classmethod
     def fast(cls) -> DemoSettings:
-        return cls(n_people=6, forget_percent=20, fisher_rows=16, finetune_epochs=3.0, finetune_lr=1.5e-3,
-                   kfade_curvature_batches=1, kfade_target_modules=r".*\.(mlp\.down_proj|self_attn\.o_proj)",
-                   max_retain_rows=16, max_new_tokens=16, world_facts=False)
+        return cls(n_people=5, forget_percent=20, fisher_rows=16, finetune_epochs=3.0, finetune_lr=1.5e-3,
+                   fwsvd_niter=2, kfade_curvature_batches=1, kfade_probe_size=8,
+                   kfade_target_modules=r".*\.(mlp\.down_proj|self_attn\.o_proj)", max_retain_rows=8,
+                   max_new_tokens=16, world_facts=False)
 
     @classmethod
     def full(cls) -> DemoSettings:
@@ -185,7 +188,7 @@ def run_demo(output_dir: str | os.PathLike = "hf_fisher_demo", *, fast: bool = F
         lora = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, target_modules="all-linear",
                           task_type="CAUSAL_LM")
         peft_model = get_peft_model(model, lora)
-        initialize_lora_fwsvd(peft_model, fisher)
+        initialize_lora_fwsvd(peft_model, fisher, niter=settings.fwsvd_niter)
         peft_model.save_pretrained(str(scratch / "adapter_initial"))
         recipe = FactsRecipe(n_people=settings.n_people, epochs=settings.finetune_epochs,
                              learning_rate=settings.finetune_lr, batch_size=settings.batch_size, seed=settings.seed)
@@ -213,6 +216,7 @@ def run_demo(output_dir: str | os.PathLike = "hf_fisher_demo", *, fast: bool = F
                                   kfade_epsilon=settings.kfade_epsilon, seed=settings.seed, save_strategy="no",
                                   kfade_curvature_batches=settings.kfade_curvature_batches,
                                   kfade_target_modules=settings.kfade_target_modules,
+                                  kfade_probe_size=settings.kfade_probe_size,
                                   report_to="none", logging_steps=1, use_cpu=not torch.cuda.is_available(),
                                   disable_tqdm=True)
             trainer = KFADETrainer(unlearned, args, forget_dataset=forget, retain_dataset=retain)
