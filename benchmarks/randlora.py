@@ -207,9 +207,8 @@ def speed_part(
 def _speed_text(lines: list[str], path_lines: list[str], flop_lines: list[str], rounds: dict[int, int]) -> str:
     note = (
         "Medians over " + ", ".join(f"{n} interleaved round(s) at 8 × {s}" for s, n in rounds.items())
-        + ", after one warm-up step each. CPU s/step is the process's CPU time (one compute thread), far less "
-        "sensitive to the other jobs "
-        "on the machine than wall time; the ratios use it.\n\n"
+        + ", after one warm-up step each. CPU s/step is the process's CPU time (all its compute threads), less "
+        "sensitive than wall time to other jobs on the machine; the ratios use it.\n\n"
     )
     return (
         note
@@ -441,6 +440,7 @@ def main() -> None:
     parser.add_argument("--configs", default="", help="comma-separated configurations of the speed part")
     parser.add_argument("--memory-sizes", default="128,512", help="sequence lengths of the memory part")
     parser.add_argument("--memory-one", nargs=2, metavar=("CONFIG", "SEQ_LEN"))
+    parser.add_argument("--shared", action="store_true", help="say in the results that other jobs shared the machine")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -450,8 +450,8 @@ def main() -> None:
     load = os.getloadavg()[0]
     conditions = (
         f"Conditions: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
-        f"{args.threads} thread(s), fp32 CPU, a 2-core machine shared with other engineers' jobs (1-min load average "
-        f"{load:.1f} at the start of this part), SmolLM2-135M-Instruct, AdamW lr {LR}."
+        f"{args.threads} thread(s), fp32 CPU, a 2-core machine{' shared with other jobs' if args.shared else ''} "
+        f"(1-min load average {load:.1f} at the start of this part), SmolLM2-135M-Instruct, AdamW lr {LR}."
     )
     base, tokenizer = load_default_model()
     base.requires_grad_(False)
