@@ -47,9 +47,9 @@ class DemoSettings:
     fisher_rows: int = 64
     lora_rank: int = 16
     lora_alpha: int = 32
-    fwsvd_niter: int | None = None  # randomized SVD for the FWSVD init (None: exact)
-    finetune_epochs: float = 10.0
-    finetune_lr: float = 5e-4
+    fwsvd_niter: int | None = 2  # randomized SVD for the FWSVD init (None: exact)
+    finetune_epochs: float = 3.0
+    finetune_lr: float = 1.5e-3
     batch_size: int = 16
     kfade_steps: int = 1
     kfade_epsilon: float = 0.05
@@ -57,21 +57,20 @@ class DemoSettings:
     kfade_target_modules: str | None = None
     kfade_probe_size: int = 16  # retain rows on which each K-FADE step's retain KL is measured (backtracking)
     gu_epochs: float = 0.0
-    max_retain_rows: int = 60
+    max_retain_rows: int = 24
     max_new_tokens: int = 32
     world_facts: bool = True
     seed: int = 0
 
     @classmethod
     def fast(cls) -> DemoSettings:
-        return cls(n_people=5, forget_percent=20, fisher_rows=16, finetune_epochs=3.0, finetune_lr=1.5e-3,
-                   fwsvd_niter=2, kfade_curvature_batches=1, kfade_probe_size=8,
+        return cls(n_people=5, forget_percent=20, fisher_rows=16, kfade_curvature_batches=1, kfade_probe_size=8,
                    kfade_target_modules=r".*\.(mlp\.down_proj|self_attn\.o_proj)", max_retain_rows=8,
                    max_new_tokens=16, world_facts=False)
 
     @classmethod
     def full(cls) -> DemoSettings:
-        return cls(gu_epochs=5.0)
+        return cls(gu_epochs=3.0)
 
 
 _START = [0.0]
