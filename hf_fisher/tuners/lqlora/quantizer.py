@@ -261,6 +261,11 @@ BNB_NF4_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 """Block sizes of bitsandbytes' 4-bit kernels: 4-bit configs with these blocks can use them."""
 
 
+def bitsandbytes_compatible(config: NFConfig) -> bool:
+    """Whether bitsandbytes' 4-bit kernel can dequantize matrices of this config (NF4, one of its block sizes)."""
+    return config.bits == 4 and config.block_size in BNB_NF4_BLOCK_SIZES
+
+
 @functools.cache
 def _bitsandbytes_available() -> bool:
     try:
@@ -288,7 +293,7 @@ def nf4_dequantize_bitsandbytes(quantized: QuantizedTensor, dtype: torch.dtype =
     import bitsandbytes.functional as bnbf
 
     config = quantized.config
-    if config.bits != 4 or config.block_size not in BNB_NF4_BLOCK_SIZES:
+    if not bitsandbytes_compatible(config):
         raise ValueError(
             f"bitsandbytes' kernel needs 4-bit codes in blocks of {BNB_NF4_BLOCK_SIZES}, got {config.name}; "
             "use nf_dequantize"
@@ -309,8 +314,7 @@ def nf_dequantize(quantized: QuantizedTensor, dtype: torch.dtype = torch.float32
     everything else through the PyTorch path below.
     """
     config = quantized.config
-    if (quantized.codes.is_cuda and config.bits == 4 and config.block_size in BNB_NF4_BLOCK_SIZES
-            and _bitsandbytes_available()):
+    if quantized.codes.is_cuda and bitsandbytes_compatible(config) and _bitsandbytes_available():
         return nf4_dequantize_bitsandbytes(quantized, dtype)
     numel = quantized.numel
     n_blocks = math.ceil(numel / config.block_size)
